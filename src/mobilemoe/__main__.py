@@ -1,0 +1,3 @@
+from mobilemoe.cli import main
+
+main()

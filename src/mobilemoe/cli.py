@@ -1,0 +1,59 @@
+"""The one command line: `mobilemoe <verb>`, verbs in pipeline order.
+
+Each room of the package registers its verbs with a `register(subparsers)` function that imports
+nothing heavy; the heavy imports happen inside the handlers, so `mobilemoe --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mobilemoe.errors import MobileMoEError
+
+
+def _models(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from mobilemoe.config import PRESETS, get_preset
+    from mobilemoe.model import build_on_meta, count_parameters
+    from mobilemoe.quantize import weight_bytes
+    from mobilemoe.ui import console, human_bytes, human_count
+
+    names = args.presets or list(PRESETS)
+    table = Table(title="MobileMoE model presets (counts from the built module; embedding tied, counted once)")
+    for col in ("preset", "layers", "d_model", "heads/kv", "experts", "top-k", "expert", "shared", "active",
+                "total", "INT4 weights"):
+        table.add_column(col, justify="left" if col == "preset" else "right")
+    for name in names:
+        cfg = get_preset(name)
+        model = build_on_meta(cfg)
+        count = count_parameters(model)
+        table.add_row(name, str(cfg.n_layers), str(cfg.d_model), f"{cfg.n_heads}/{cfg.n_kv_heads}",
+                      str(cfg.n_routed_experts or "dense"), str(cfg.top_k or "-"),
+                      str(cfg.expert_size or cfg.ffn_size),
+                      f"{cfg.n_shared_experts}x{cfg.shared_expert_size}" if cfg.n_shared_experts else "-",
+                      human_count(count.active), human_count(count.total), human_bytes(weight_bytes(model)))
+    console.print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mobilemoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="<verb>")
+    p = sub.add_parser("models", help="table of model presets: shapes, active/total params, INT4 bytes")
+    p.add_argument("presets", nargs="*", help="preset names (default: all)")
+    p.set_defaults(handler=_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except MobileMoEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,252 @@
+"""Model configs: one plain dataclass for every family member, named presets, YAML/JSON round trip.
+
+A dense model is a `ModelConfig` with `n_routed_experts == 0`. MoE shapes are usually written through
+`granular_moe`, which speaks the scaling-law language (coarse experts E, granularity g, top-k,
+shared slots) and resolves it to the stored fields (number and size of fine-grained experts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from mobilemoe.errors import ConfigError
+
+LLAMA3_VOCAB = 128_256
+
+
+@dataclass
+class RopeScaling:
+    """llama3-style frequency scaling (Llama 3.1): long wavelengths stretched by `factor`."""
+
+    factor: float = 16.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    vocab_size: int = LLAMA3_VOCAB
+    n_layers: int = 20
+    d_model: int = 768
+    n_heads: int = 12
+    n_kv_heads: int = 4
+    head_dim: int = 64
+    max_seq_len: int = 8192
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    tie_embeddings: bool = True
+    rope_theta: float = 500_000.0
+    rope_scaling: RopeScaling | None = field(default_factory=RopeScaling)
+    # Dense FFN (used by layers that are not MoE).
+    ffn_size: int = 0
+    # MoE FFN. n_routed_experts == 0 makes every layer dense.
+    n_routed_experts: int = 0
+    expert_size: int = 0
+    top_k: int = 0
+    n_shared_experts: int = 0
+    shared_expert_size: int = 0
+    moe_layer_step: int = 1  # every `moe_layer_step`-th layer is MoE (1 = all), as Llama-4's interleave step
+    router: Literal["sigmoid", "softmax"] = "sigmoid"
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing; 0 disables
+    aux_loss_coef: float = 0.0  # switch-style load-balancing loss
+    z_loss_coef: float = 0.0  # router z-loss
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moe and (layer + 1) % self.moe_layer_step == 0
+
+    def validate(self) -> ModelConfig:
+        def need(ok: bool, fieldname: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"model config '{self.name}': field '{fieldname}' {why}")
+
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
+            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+             f"({self.n_kv_heads}) must divide n_heads ({self.n_heads}) for grouped-query attention")
+        need(self.n_heads * self.head_dim == self.d_model, "n_heads",
+             f"x head_dim ({self.n_heads} x {self.head_dim}) must equal d_model ({self.d_model})")
+        need(self.router in ("sigmoid", "softmax"), "router", f"must be 'sigmoid' or 'softmax', got {self.router!r}")
+        need(self.moe_layer_step >= 1, "moe_layer_step", f"must be >= 1, got {self.moe_layer_step}")
+        if self.is_moe:
+            need(self.expert_size > 0, "expert_size", "must be positive when n_routed_experts > 0")
+            need(1 <= self.top_k <= self.n_routed_experts, "top_k",
+                 f"({self.top_k}) must be between 1 and n_routed_experts ({self.n_routed_experts})")
+            need(self.n_shared_experts == 0 or self.shared_expert_size > 0, "shared_expert_size",
+                 "must be positive when n_shared_experts > 0")
+        need(not (self.is_moe and self.moe_layer_step > 1) or self.ffn_size > 0, "ffn_size",
+             "must be positive when some layers are dense (moe_layer_step > 1)")
+        need(self.is_moe or self.ffn_size > 0, "ffn_size", "must be positive for a dense model")
+        return self
+
+    # --- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model config") -> ModelConfig:
+        return from_dict(cls, data, where).validate()
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(
+            self.to_dict(), sort_keys=False)
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(read_mapping(path), where=str(path))
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Build a (possibly nested) dataclass from a dict; unknown keys are an error naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _resolved_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+        raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+    kwargs = {}
+    for key, value in data.items():
+        nested = _dataclass_in(hints[key])
+        kwargs[key] = from_dict(nested, value, f"{where}.{key}") if nested and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _resolved_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass named by a type hint such as `RopeScaling | None`, if any."""
+    import typing
+
+    candidates = typing.get_args(hint) or (hint,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file that must hold a mapping, with clear errors for the usual mistakes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --- MoE shapes in scaling-law terms ------------------------------------------------------------------
+def granular_moe(d_model: int, experts: int, granularity: int, top_k: int = 1, shared_slots: int = 0,
+                 expansion: int = 4) -> dict[str, int]:
+    """Resolve an MoE written as (E coarse experts, granularity g, top-k coarse, shared slots) to fields.
+
+    A coarse expert is a SwiGLU of hidden size `expansion * d_model`; granularity g splits each into g
+    fine experts of size expansion*d/g, giving E*g fine slots of which top_k*g are active per token.
+    `shared_slots` of the active slots become one always-on shared expert (PAPER.md: E=8, g=8,
+    shared 4 slots -> 60 routed experts of d/2, top-4, shared 2d).
+    """
+    size, rem = divmod(expansion * d_model, granularity)
+    if rem:
+        raise ConfigError(f"granularity {granularity} must divide the coarse expert size {expansion * d_model}")
+    active = top_k * granularity
+    if not 0 <= shared_slots < active:
+        raise ConfigError(f"shared_slots ({shared_slots}) must be below the active slots top_k*g ({active})")
+    return dict(n_routed_experts=experts * granularity - shared_slots, expert_size=size,
+                top_k=active - shared_slots, n_shared_experts=1 if shared_slots else 0,
+                shared_expert_size=shared_slots * size)
+
+
+# --- presets ----------------------------------------------------------------------------------------
+def _mobilemoe(name: str, n_layers: int, d_model: int, n_heads: int) -> ModelConfig:
+    return ModelConfig(name=name, n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=4,
+                       head_dim=64, **granular_moe(d_model, experts=8, granularity=8, shared_slots=4))
+
+
+def _mobilellm(name: str, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, ffn: int,
+               vocab: int = 32_000) -> ModelConfig:
+    # MobileLLM (2024): deep-and-thin, SwiGLU, GQA, tied embeddings, Llama-2 vocab, no QK-norm.
+    return ModelConfig(name=name, vocab_size=vocab, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads, head_dim=d_model // n_heads, ffn_size=ffn, qk_norm=False,
+                       max_seq_len=2048, rope_theta=10_000.0, rope_scaling=None)
+
+
+def _tiny(name: str, moe: bool, d_model: int = 128, n_layers: int = 4) -> ModelConfig:
+    # Trains on two CPU cores in minutes; small BPE vocab. The dense twin has the same active FFN width
+    # (one coarse expert = expansion*d) as the MoE, so both have about the same active parameters.
+    shape = granular_moe(d_model, experts=8, granularity=4, shared_slots=2) if moe else {"ffn_size": 4 * d_model}
+    return ModelConfig(name=name, vocab_size=4096, n_layers=n_layers, d_model=d_model, n_heads=4, n_kv_heads=2,
+                       head_dim=d_model // 4, max_seq_len=512, rope_theta=10_000.0, rope_scaling=None,
+                       **shape)
+
+
+PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
+    _mobilemoe("mobilemoe-s", 20, 768, 12),
+    _mobilemoe("mobilemoe-m", 26, 1024, 16),
+    _mobilemoe("mobilemoe-l", 32, 1280, 20),
+    ModelConfig(name="mobilellm-pro", vocab_size=202_048, n_layers=30, d_model=1280, n_heads=20, n_kv_heads=4,
+                head_dim=64, ffn_size=6144),
+    _mobilellm("mobilellm-125m", 30, 576, 9, 3, 1536),
+    _mobilellm("mobilellm-350m", 32, 960, 15, 5, 2560),
+    _mobilellm("mobilellm-600m", 40, 1152, 18, 6, 3072),
+    _mobilellm("mobilellm-1b", 54, 1280, 20, 5, 3584),
+    _tiny("tiny-moe", moe=True),
+    _tiny("tiny-dense", moe=False),
+    _tiny("micro-moe", moe=True, d_model=64, n_layers=2),
+    _tiny("micro-dense", moe=False, d_model=64, n_layers=2),
+]}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown model preset '{name}'.{hint} Known presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def resolve_model_config(spec: str | dict[str, Any] | ModelConfig) -> ModelConfig:
+    """A preset name, a path to a YAML/JSON config, a dict (optionally `preset:` + overrides), or a config."""
+    if isinstance(spec, ModelConfig):
+        return spec.validate()
+    if isinstance(spec, str):
+        path = Path(spec)
+        return ModelConfig.load(path) if path.suffix in (".yaml", ".yml", ".json") else get_preset(spec).validate()
+    spec = dict(spec)
+    base = get_preset(spec.pop("preset")).to_dict() if "preset" in spec else {}
+    base.update(spec)
+    return ModelConfig.from_dict(base)

@@ -1,0 +1,175 @@
+import pytest
+import torch
+
+from mobilemoe.config import PRESETS, ModelConfig, get_preset, granular_moe, resolve_model_config
+from mobilemoe.errors import ConfigError
+from mobilemoe.model import Transformer, build_on_meta, count_parameters
+from mobilemoe.moe import route_tokens, run_experts, run_experts_reference
+from mobilemoe.quantize import weight_bytes
+
+
+def _expert_problem(T=37, D=16, I=8, E=6, k=2, dead=(1, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    gate_up = torch.randn(E, 2 * I, D, generator=g, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(E, D, I, generator=g, dtype=torch.float64, requires_grad=True)
+    live = torch.tensor([e for e in range(E) if e not in dead])
+    experts = torch.stack([live[torch.randperm(len(live), generator=g)[:k]] for _ in range(T)])
+    weights = torch.rand(T, k, generator=g, dtype=torch.float64, requires_grad=True)
+    return x, experts, weights, gate_up, down
+
+
+def test_grouped_dispatch_matches_reference_forward_and_backward():
+    dtype = torch.float32  # torch._grouped_mm on CPU takes fp32/bf16/fp16 only
+    x, experts, weights, gate_up, down = _expert_problem()
+    tensors = [t.detach().to(dtype).requires_grad_() for t in (x, weights, gate_up, down)]
+    grads = []
+    for fn in (run_experts, run_experts_reference):
+        for t in tensors:
+            t.grad = None
+        xx, ww, gu, dn = tensors
+        y = fn(xx, experts, ww, gu, dn)
+        probe = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
+        (y * probe).sum().backward()
+        grads.append([y.detach()] + [t.grad.clone() for t in tensors])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # experts 1 and 4 received no tokens: their weight gradients are exactly zero
+    assert grads[0][3][[1, 4]].abs().max() == 0
+
+
+def test_every_token_reaches_its_experts_no_drops():
+    x, experts, weights, gate_up, down = (t.float() if t.is_floating_point() else t
+                                          for t in _expert_problem(T=64, E=8, k=3, dead=()))
+    with torch.no_grad():
+        y = run_experts(x, experts, weights, gate_up, down)
+        for t in (0, 31, 63):
+            want = sum(weights[t, j] * torch.nn.functional.linear(
+                torch.nn.functional.silu(gate_up[experts[t, j], :8] @ x[t]) * (gate_up[experts[t, j], 8:] @ x[t]),
+                down[experts[t, j]]) for j in range(3))
+            torch.testing.assert_close(y[t], want)
+
+
+def test_sigmoid_router_selects_by_bias_but_weights_by_score():
+    x = torch.randn(50, 8)
+    w = torch.randn(4, 8)
+    bias = torch.tensor([0.0, 10.0, 0.0, 0.0])  # expert 1 always selected
+    r = route_tokens(x, w, bias, top_k=2, kind="sigmoid", norm_topk_prob=True, scaling=2.5,
+                     aux_loss_coef=0.0, z_loss_coef=0.0)
+    assert (r.experts == 1).any(-1).all()
+    scores = torch.sigmoid(x @ w.T)
+    picked = scores.gather(-1, r.experts)
+    torch.testing.assert_close(r.weights, 2.5 * picked / picked.sum(-1, keepdim=True))
+    assert r.load.sum() == 100 and r.load[1] == 50
+
+
+def test_softmax_router_aux_and_z_losses():
+    x, w = torch.randn(40, 8), torch.randn(5, 8)
+    r = route_tokens(x, w, torch.zeros(5), top_k=1, kind="softmax", norm_topk_prob=False, scaling=1.0,
+                     aux_loss_coef=0.01, z_loss_coef=0.001)
+    logits = x @ w.T
+    p = logits.softmax(-1)
+    f = torch.bincount(p.argmax(-1), minlength=5).float() / 40
+    want = 0.01 * 5 * (f * p.mean(0)).sum() + 0.001 * torch.logsumexp(logits, -1).square().mean()
+    torch.testing.assert_close(r.aux_loss, want)
+    torch.testing.assert_close(r.weights.squeeze(-1), p.max(-1).values)
+
+
+@pytest.mark.parametrize("name,active,total", [("mobilemoe-s", 272e6, 1.26e9), ("mobilemoe-m", 528e6, 2.82e9),
+                                               ("mobilemoe-l", 922e6, 5.33e9), ("mobilellm-pro", 1.08e9, 1.08e9)])
+def test_parameter_counts_reproduce_the_paper(name, active, total):
+    count = count_parameters(build_on_meta(get_preset(name)))
+    assert float(f"{count.active:.3g}") == active
+    assert float(f"{count.total:.3g}") == total
+
+
+def test_paper_granularity_reading():
+    assert granular_moe(768, experts=8, granularity=8, shared_slots=4) == dict(
+        n_routed_experts=60, expert_size=384, top_k=4, n_shared_experts=1, shared_expert_size=1536)
+
+
+def test_int4_bytes_near_paper():
+    # PAPER.md: ~0.68 GB (S) and ~2.75 GB (L) of INT4 weights (int4 + fp16 scales per 32).
+    s = weight_bytes(build_on_meta(get_preset("mobilemoe-s"))) / 2**30
+    big = weight_bytes(build_on_meta(get_preset("mobilemoe-l"))) / 2**30
+    assert 0.62 < s < 0.72 and 2.6 < big < 2.9
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_round_trip(tmp_path, suffix):
+    for cfg in PRESETS.values():
+        path = tmp_path / f"{cfg.name}{suffix}"
+        cfg.save(path)
+        assert ModelConfig.load(path) == cfg
+
+
+def test_resolve_preset_with_overrides():
+    cfg = resolve_model_config({"preset": "tiny-moe", "n_layers": 2, "rope_scaling": {"factor": 8.0}})
+    assert cfg.n_layers == 2 and cfg.rope_scaling.factor == 8.0 and cfg.d_model == 128
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"n_heads": 5}, "n_heads"),
+    ({"top_k": 99}, "top_k"),
+    ({"n_kv_heads": 3}, "n_kv_heads"),
+    ({"d_modle": 3}, "d_modle"),
+    ({"rope_scaling": {"factr": 2}}, "factr"),
+])
+def test_bad_config_names_the_field(change, field):
+    with pytest.raises(ConfigError, match=field):
+        resolve_model_config({"preset": "tiny-moe", **change})
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="did you mean 'd_model'"):
+        resolve_model_config({"preset": "tiny-moe", "d_modle": 3})
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown model preset 'mobilemoe-xl'.*mobilemoe-l"):
+        get_preset("mobilemoe-xl")
+
+
+@pytest.mark.parametrize("preset", ["micro-moe", "micro-dense"])
+def test_forward_loss_and_stats(preset):
+    torch.manual_seed(0)
+    model = Transformer(get_preset(preset))
+    tokens, targets = torch.randint(0, model.cfg.vocab_size, (2, 2, 16))
+    out = model(tokens, targets=targets)
+    assert out.logits.shape == (2, 16, model.cfg.vocab_size)
+    assert abs(out.lm_loss.item() - torch.log(torch.tensor(model.cfg.vocab_size)).item()) < 1.0
+    out.loss.backward()
+    if model.cfg.is_moe:
+        assert out.expert_load.shape == (2, 30)
+        assert torch.all(out.expert_load.sum(-1) == 2 * 16 * model.cfg.top_k)
+        assert model.layers[0].ffn.gate_up_proj.grad.abs().sum() > 0
+    else:
+        assert out.expert_load is None
+
+
+def test_kv_cache_decode_equals_full_forward():
+    torch.manual_seed(0)
+    cfg = resolve_model_config({"preset": "micro-moe", "rope_scaling": {"factor": 4.0, "original_max_position": 8}})
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        full = model(tokens).logits
+        model.setup_cache(1, 32)
+        prefill = model(tokens[:, :12], input_pos=torch.arange(12)).logits
+        steps = [model(tokens[:, i:i + 1], input_pos=torch.tensor([i])).logits for i in range(12, 20)]
+    torch.testing.assert_close(torch.cat([prefill, *steps], 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_expert_bias_moves_toward_balance():
+    torch.manual_seed(0)
+    model = Transformer(get_preset("micro-moe")).train()
+    moe = model.layers[0].ffn
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 1.0  # expert 0 gets all the love
+    x = torch.randn(64, 64).abs()
+    _, _, load = moe(x)
+    assert load[0] == 64
+    model.update_expert_bias()
+    assert moe.expert_bias[0] < 0 and moe.expert_bias[1:].min() > 0
+    assert moe.load_since_update.sum() == 0
