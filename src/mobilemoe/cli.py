@@ -44,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="table of model presets: shapes, active/total params, INT4 bytes")
     p.add_argument("presets", nargs="*", help="preset names (default: all)")
     p.set_defaults(handler=_models)
+    # Rooms in pipeline order; each adds its verbs. Keep one line per room.
+    for register in _room_registrars():
+        register(sub)
     return parser
+
+
+def _room_registrars() -> list:
+    return []
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,7 +6,10 @@ Kept in high precision: the router and expert bias (fp32), norms (16-bit).
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from mobilemoe.errors import MobileMoEError
 
 GROUP_SIZE = 32
 
@@ -27,3 +30,37 @@ def weight_bytes(model: nn.Module, bits: int = 4, group_size: int = GROUP_SIZE) 
             total += p.numel() * (4 if ".router." in name else 2)
     total += sum(b.numel() * 4 for name, b in model.named_buffers() if name.endswith("expert_bias"))
     return total
+
+
+# --- the INT4 storage format ------------------------------------------------------------------------
+def quantize_int4(weight: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor]:
+    """Symmetric per-group INT4 of the last dim: returns (packed uint8 [..., K/2], fp16 scales [..., K/group]).
+
+    q = clamp(round(w / s), -8, 7) with s = max|w| / 7.5 per group: torchao's symmetric int4 scale
+    (max|w| / ((qmax - qmin) / 2)), so the QAT fake quantizer and this format agree.
+    Two values per byte: even index in the low nibble, stored as q + 8.
+    """
+    *lead, k = weight.shape
+    if k % group_size:
+        raise MobileMoEError(f"INT4 g{group_size}: the input dimension {k} is not a multiple of the group size")
+    groups = weight.float().reshape(*lead, k // group_size, group_size)
+    scales = (groups.abs().amax(-1, keepdim=True) / 7.5).clamp_min(torch.finfo(torch.float16).tiny).half()
+    q = torch.clamp(torch.round(groups / scales.float()), -8, 7).to(torch.int8).reshape(*lead, k)
+    return pack_int4(q), scales.squeeze(-1)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    u = (q + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    low, high = (packed & 0xF).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def dequantize_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    q = unpack_int4(packed)
+    *lead, k = q.shape
+    groups = q.reshape(*lead, scales.shape[-1], -1).to(dtype) * scales.unsqueeze(-1).to(dtype)
+    return groups.reshape(*lead, k)

@@ -1,0 +1,120 @@
+"""Model checkpoints on disk: a directory with config.json, model.safetensors and tokenizer.json.
+
+Float checkpoints hold every tensor of `Transformer.state_dict()`. INT4 checkpoints (the QAT stage's
+output) hold, for each weight the INT4 format quantizes, `<name>.qweight` (uint8, two values a byte)
+and `<name>.scales` (fp16, one per 32 inputs), everything else as float; safetensors metadata
+`quantization = int4-g32-sym` tells them apart. Directories are written to a temporary sibling and
+renamed, so a crash never leaves half a checkpoint. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mobilemoe.config import ModelConfig
+from mobilemoe.data.tokenizer import Tokenizer
+from mobilemoe.errors import MobileMoEError
+from mobilemoe.model import Transformer
+from mobilemoe.quantize import dequantize_int4, is_quantized_weight, quantize_int4
+
+INT4_FORMAT = "int4-g32-sym"
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer | None
+    int4: bool  # weights came from an INT4 checkpoint (dequantized into `model`)
+    path: Path
+
+
+def model_tensors(model: Transformer, int4: bool) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores for `model`, in float or in the INT4 format."""
+    params = dict(model.named_parameters())
+    tensors = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().float().contiguous()
+        if int4 and name in params and is_quantized_weight(name, params[name]):
+            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = quantize_int4(t)
+        else:
+            tensors[name] = t
+    return tensors
+
+
+def save_model(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, int4: bool = False,
+               tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint directory atomically. `tensors` overrides `model_tensors(model, int4)` (e.g. the
+    exact integer weights of a QAT convert)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors if tensors is not None else model_tensors(model, int4), tmp / "model.safetensors",
+                  metadata={"format": "mobilemoe", "quantization": INT4_FORMAT if int4 else "none"})
+        (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(directory)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MobileMoEError(f"could not write checkpoint {directory}: {err}. The previous checkpoint (if any) "
+                             "is untouched; free some disk space and retry.") from None
+    return directory
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise MobileMoEError(f"{directory} is not a MobileMoE checkpoint: config.json is missing. Pass a directory "
+                             "written by `mobilemoe train` (e.g. runs/<name>/final/<stage>) or a preset name.")
+    return ModelConfig.load(directory / "config.json")
+
+
+def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise MobileMoEError(f"{file} is missing or corrupt ({err}); re-export or re-train it") from None
+
+
+def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a checkpoint directory into a `Transformer` (INT4 weights are dequantized)."""
+    directory = Path(directory)
+    cfg = load_config(directory)
+    tensors, meta = read_tensors(directory / "model.safetensors")
+    int4 = meta.get("quantization") == INT4_FORMAT
+    if int4:
+        for name in [n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")]:
+            tensors[name] = dequantize_int4(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales"))
+    model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    got = {k: v.shape for k, v in tensors.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+        detail = "; ".join(f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                           for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
+                           if names)
+        raise MobileMoEError(f"{directory}/model.safetensors does not match its config.json ({detail}); "
+                             "the weights come from another model")
+    model.load_state_dict(tensors)
+    tok_file = directory / "tokenizer.json"
+    tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
+    return LoadedModel(model.to(dtype).eval(), tokenizer, int4, directory)

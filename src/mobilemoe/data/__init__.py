@@ -1,0 +1,1 @@
+"""Data: open corpora from the registries, tokenizers, packed token shards, mixtures, chat data."""

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+import torch
+
+from mobilemoe.checkpoint import load_model, save_model
+from mobilemoe.config import get_preset
+from mobilemoe.data.tokenizer import train_bpe
+from mobilemoe.errors import MobileMoEError
+from mobilemoe.model import Transformer
+from mobilemoe.quantize import dequantize_int4, quantize_int4
+
+
+def test_float_round_trip_with_tokenizer(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(get_preset("micro-moe"))
+    model.layers[0].ffn.expert_bias.fill_(0.25)
+    tok = train_bpe(["hello world, the quick brown fox"] * 20, vocab_size=300)
+    save_model(tmp_path / "ckpt", model, tok)
+    loaded = load_model(tmp_path / "ckpt")
+    assert not loaded.int4 and loaded.tokenizer.encode("hello") == tok.encode("hello")
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_int4_round_trip_is_the_quantized_model(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(get_preset("micro-moe"))
+    save_model(tmp_path / "q", model, int4=True)
+    loaded = load_model(tmp_path / "q")
+    assert loaded.int4
+    w = model.layers[1].ffn.gate_up_proj.detach()
+    want = dequantize_int4(*quantize_int4(w))
+    assert torch.equal(loaded.model.layers[1].ffn.gate_up_proj, want)
+    assert torch.equal(loaded.model.layers[1].ffn.router.weight, model.layers[1].ffn.router.weight)
+    assert (want - w).abs().max() <= w.abs().max() / 7.5 / 2 + 1e-3
+
+
+def test_int4_pack_values():
+    w = torch.tensor([[7.5, -7.5, 1.0, 0.0] * 8])
+    packed, scales = quantize_int4(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (1, 16) and scales.dtype == torch.float16
+    torch.testing.assert_close(dequantize_int4(packed, scales)[0, :4], torch.tensor([7.0, -8.0, 1.0, 0.0]))
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    save_model(tmp_path / "a", Transformer(get_preset("micro-moe")))
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg["d_model"], cfg["head_dim"] = 128, 32
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MobileMoEError, match="does not match its config.json.*wrong shape"):
+        load_model(tmp_path / "a")
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(MobileMoEError, match="config.json is missing"):
+        load_model(tmp_path)
+    save_model(tmp_path / "c", Transformer(get_preset("micro-dense")))
+    (tmp_path / "c" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(MobileMoEError, match="corrupt"):
+        load_model(tmp_path / "c")
