@@ -34,19 +34,22 @@ def weight_bytes(model: nn.Module, bits: int = 4, group_size: int = GROUP_SIZE) 
 
 # --- the INT4 storage format ------------------------------------------------------------------------
 def quantize_int4(weight: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor]:
-    """Symmetric per-group INT4 of the last dim: returns (packed uint8 [..., K/2], fp16 scales [..., K/group]).
+    """Symmetric per-group INT4 of the last dim: (packed uint8 [..., K/2], fp16 scales [..., K/group]).
 
-    q = clamp(round(w / s), -8, 7) with s = max|w| / 7.5 per group: torchao's symmetric int4 scale
-    (max|w| / ((qmax - qmin) / 2)), so the QAT fake quantizer and this format agree.
-    Two values per byte: even index in the low nibble, stored as q + 8.
+    Scales and rounding are torchao's own (`get_group_qparams_symmetric` + `quantize_affine`, fp16
+    scales), the same maths as the QAT fake quantizer, so a QAT model converts to exactly what it
+    trained against. Two values per byte: even index in the low nibble, stored as q + 8.
     """
+    from torchao.quantization.quant_primitives import quantize_affine
+    from torchao.quantization.utils import get_group_qparams_symmetric
+
     *lead, k = weight.shape
     if k % group_size:
         raise MobileMoEError(f"INT4 g{group_size}: the input dimension {k} is not a multiple of the group size")
-    groups = weight.float().reshape(*lead, k // group_size, group_size)
-    scales = (groups.abs().amax(-1, keepdim=True) / 7.5).clamp_min(torch.finfo(torch.float16).tiny).half()
-    q = torch.clamp(torch.round(groups / scales.float()), -8, 7).to(torch.int8).reshape(*lead, k)
-    return pack_int4(q), scales.squeeze(-1)
+    rows = weight.detach().float().reshape(-1, k)
+    scales, zeros = get_group_qparams_symmetric(rows, 4, group_size, torch.float16)
+    q = quantize_affine(rows, (1, group_size), scales, zeros, torch.int8, -8, 7)
+    return pack_int4(q.reshape(*lead, k)), scales.reshape(*lead, k // group_size)
 
 
 def pack_int4(q: Tensor) -> Tensor:
