@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,20 +50,19 @@ def model_tensors(model: Transformer, int4: bool) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_model(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, int4: bool = False,
-               tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a checkpoint directory atomically. `tensors` overrides `model_tensors(model, int4)` (e.g. the
-    exact integer weights of a QAT convert)."""
+@contextmanager
+def atomic_dir(directory: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `directory` to fill; on success it replaces `directory` in one rename.
+
+    On any error the temporary is removed and the previous `directory` (if any) is untouched; running
+    out of disk becomes a MobileMoEError that says so.
+    """
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(tensors if tensors is not None else model_tensors(model, int4), tmp / "model.safetensors",
-                  metadata={"format": "mobilemoe", "quantization": INT4_FORMAT if int4 else "none"})
-        (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
+        yield tmp
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -71,10 +72,31 @@ def save_model(directory: str | Path, model: Transformer, tokenizer: Tokenizer |
         else:
             tmp.rename(directory)
     except OSError as err:
+        raise MobileMoEError(f"could not write {directory}: {err}. The previous version (if any) is untouched; "
+                             "free some disk space and retry.") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MobileMoEError(f"could not write checkpoint {directory}: {err}. The previous checkpoint (if any) "
-                             "is untouched; free some disk space and retry.") from None
-    return directory
+
+
+def write_model_files(directory: Path, model: Transformer, tokenizer: Tokenizer | None = None, int4: bool = False,
+                      tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json, model.safetensors and tokenizer.json into an existing directory. `tensors` overrides
+    `model_tensors(model, int4)` (e.g. a full state dict gathered from sharded training)."""
+    if tensors is None:
+        tensors = model_tensors(model, int4)
+    save_file(tensors, directory / "model.safetensors",
+              metadata={"format": "mobilemoe", "quantization": INT4_FORMAT if int4 else "none"})
+    (directory / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(directory / "tokenizer.json")
+
+
+def save_model(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, int4: bool = False,
+               tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint directory atomically."""
+    with atomic_dir(directory) as tmp:
+        write_model_files(tmp, model, tokenizer, int4, tensors)
+    return Path(directory)
 
 
 def load_config(directory: str | Path) -> ModelConfig:

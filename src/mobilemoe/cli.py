@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _room_registrars() -> list:
-    return []
+    from mobilemoe.train import cli as train_cli
+
+    return [train_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

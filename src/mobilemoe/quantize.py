@@ -67,3 +67,56 @@ def dequantize_int4(packed: Tensor, scales: Tensor, dtype: torch.dtype = torch.f
     *lead, k = q.shape
     groups = q.reshape(*lead, scales.shape[-1], -1).to(dtype) * scales.unsqueeze(-1).to(dtype)
     return groups.reshape(*lead, k)
+
+
+# --- quantization-aware training (torchao) ----------------------------------------------------------
+def _fake_quant_configs():
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    # fp16 scales, symmetric int4 g32: the same numbers `quantize_int4` stores.
+    weight = IntxFakeQuantizeConfig(torch.int4, group_size=GROUP_SIZE, is_symmetric=True,
+                                    scale_precision=torch.float16)
+    activation = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)  # int8 dynamic
+    return weight, activation
+
+
+class FakeQuantizedWeight(nn.Module):
+    """Parametrization that fake-quantizes a weight of any rank with torchao's IntxFakeQuantizer.
+
+    torchao's `quantize_` handles nn.Linear only and its quantizer takes 2-D input, so stacked expert
+    weights [E, out, in] and the (tied) embedding go through this wrapper: view as [-1, in], fake-quantize
+    per group of 32 inputs, view back. Gradients pass straight through (torchao's STE).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchao.quantization.qat import IntxFakeQuantizer
+
+        self.fake_quantizer = IntxFakeQuantizer(_fake_quant_configs()[0])
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return self.fake_quantizer(weight.reshape(-1, weight.shape[-1])).reshape(weight.shape)
+
+
+def prepare_qat(model: nn.Module) -> nn.Module:
+    """Fake-quantize everything the INT4 format quantizes (see module docstring), in place.
+
+    Linears (attention, dense and shared FFNs): torchao QAT with int4 g32 weights and int8 dynamic
+    per-token activations (8da4w, the phone runtime's scheme). Stacked routed experts and the tied
+    embedding (used for lookup and for the logits): int4 g32 weights via `FakeQuantizedWeight`.
+    The router stays in full precision.
+    """
+    from torch.nn.utils import parametrize
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    weight, activation = _fake_quant_configs()
+    quantize_(model, QATConfig(activation_config=activation, weight_config=weight, step="prepare"),
+              filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and not fqn.endswith("router"))
+    for name, param in list(model.named_parameters()):
+        if param.dim() >= 2 and is_quantized_weight(name, param) and name.endswith(("gate_up_proj", "down_proj",
+                                                                                      "embed.weight")):
+            owner, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            if not isinstance(owner, nn.Linear) and not parametrize.is_parametrized(owner, attr):
+                parametrize.register_parametrization(owner, attr, FakeQuantizedWeight())
+    return model

@@ -1,0 +1,116 @@
+"""Training recipes: one YAML file names the model, the data and the stages to run in order.
+
+    name: quickstart
+    seed: 1234
+    model: tiny-moe                      # preset, config path, or {preset: ..., <field>: <override>}
+    data: recipes/data/embedded.yaml     # a data recipe; prepared (and cached) on first use
+    stages:
+      - {name: pretrain, kind: pretrain, mixture: {prose: 1.0}, steps: 300, lr: 3e-3, ...}
+      - {name: sft, kind: sft, mixture: {chat: 1.0}, steps: 100, lr: 3e-4, schedule: cosine}
+
+Each stage starts from the previous stage's final weights (or `init_from`, a checkpoint directory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mobilemoe.config import ModelConfig, from_dict, read_mapping, resolve_model_config
+from mobilemoe.errors import ConfigError
+
+STAGE_KINDS = ("pretrain", "midtrain", "sft", "qat")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+
+
+@dataclass
+class StageConfig:
+    name: str
+    kind: Literal["pretrain", "midtrain", "sft", "qat"] = "pretrain"
+    mixture: dict[str, float] = field(default_factory=dict)  # data source name -> sampling weight
+    steps: int = 100
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per optimizer step on each process, before accumulation
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final LR of cosine/linear/wsd as a fraction of lr
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    log_every: int = 10
+    init_from: str | None = None  # checkpoint dir; default: the previous stage's final weights
+
+    def validate(self, where: str) -> StageConfig:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{where}: field '{name}' {why}")
+
+        need(self.kind in STAGE_KINDS, "kind", f"must be one of {', '.join(STAGE_KINDS)}, got {self.kind!r}")
+        need(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "eval_every", "checkpoint_every", "keep_last",
+                     "log_every"):
+            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        need(0 <= self.warmup_steps < self.steps, "warmup_steps", f"must be in [0, steps={self.steps})")
+        need(bool(self.mixture), "mixture", "must name at least one data source with a weight")
+        for source, weight in self.mixture.items():
+            need(weight > 0, f"mixture.{source}", f"weight must be > 0, got {weight}")
+        return self
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: Any  # preset name, config path or mapping; resolved by `model_config()`
+    data: str
+    stages: list[StageConfig]
+    seed: int = 1234
+    base_dir: Path = Path(".")  # where the recipe file lives; relative data paths resolve against it
+
+    def model_config(self) -> ModelConfig:
+        return resolve_model_config(self.model)
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(f"recipe '{self.name}' has no stage '{name}'; its stages: "
+                          f"{', '.join(s.name for s in self.stages)}")
+
+    def data_path(self) -> Path:
+        path = Path(self.data)
+        if path.exists() or path.is_absolute():
+            return path
+        return self.base_dir / path if (self.base_dir / path).exists() else path
+
+
+def parse_recipe(data: dict[str, Any], where: str = "recipe", base_dir: Path = Path(".")) -> Recipe:
+    data = dict(data)
+    stages = data.pop("stages", None)
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{where}: 'stages' must be a non-empty list of stages")
+    for key in ("name", "model", "data"):
+        if key not in data:
+            raise ConfigError(f"{where}: missing key '{key}'")
+    parsed = [from_dict(StageConfig, s, f"{where}.stages[{i}]").validate(f"{where}.stages[{i}]")
+              for i, s in enumerate(stages)]
+    names = [s.name for s in parsed]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: stage names must be unique, got {names}")
+    recipe = from_dict(Recipe, {**data, "stages": parsed, "base_dir": base_dir}, where)
+    recipe.model_config()  # fail early on a bad model spec
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    return parse_recipe(read_mapping(path), where=str(path), base_dir=path.parent)

@@ -1,0 +1,374 @@
+"""One trainer for every stage of the recipe: pre-training, mid-training, SFT and INT4 QAT.
+
+The stages differ only in their data mixture, schedule and, for QAT, fake-quantized weights; the loop
+is the same. Run directory layout (`--out`):
+
+    recipe.yaml                     the recipe as run
+    <stage>/metrics.jsonl           one line per logged step / eval
+    <stage>/checkpoints/step-N/     resumable: weights, optimizer, data position, RNG, step
+    <stage>/best/                   best held-out loss (weights only)
+    <stage>/final/                  the stage's output (QAT: INT4 weights), input of the next stage
+    tensorboard/                    the same metrics for TensorBoard
+    summary.json                    per-stage results; top-level keys describe the last stage
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mobilemoe.checkpoint import atomic_dir, load_model, save_model, write_model_files
+from mobilemoe.config import ModelConfig
+from mobilemoe.errors import MobileMoEError
+from mobilemoe.model import Transformer, count_parameters
+from mobilemoe.quantize import prepare_qat
+from mobilemoe.train import parallel
+from mobilemoe.train.recipe import Recipe, StageConfig, load_recipe, parse_recipe
+from mobilemoe.ui import console, progress
+
+
+def lr_at(step: int, s: StageConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then the stage's schedule."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    floor = s.lr * s.min_lr_ratio
+    progress_ = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps - 1)
+    if s.schedule == "cosine":
+        return floor + (s.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress_))
+    if s.schedule == "linear":
+        return s.lr + (floor - s.lr) * progress_
+    if s.schedule == "wsd":  # warmup-stable-decay: flat, then a linear decay over the last decay_fraction
+        decay_start = int(s.steps * (1 - s.decay_fraction))
+        return s.lr if step < decay_start else s.lr + (floor - s.lr) * (step - decay_start) / max(
+            1, s.steps - 1 - decay_start)
+    return s.lr
+
+
+@dataclass
+class StageResult:
+    stage: str
+    kind: str
+    steps: int
+    tokens: int
+    final_val_loss: float
+    best_val_loss: float
+    wall_time_s: float
+    params_active: int
+    params_total: int
+    flops_per_token: int  # training FLOPs per token, 6 x active parameters (attention scores left out)
+    final_dir: str
+
+
+class StageTrainer:
+    """Trains one stage; `run()` resumes from the stage's latest checkpoint when asked to."""
+
+    def __init__(self, recipe: Recipe, stage: StageConfig, stage_index: int, out: Path, data: Any,
+                 init_dir: Path | None, world: parallel.World, parallel_mode: str):
+        self.recipe, self.stage, self.out, self.data, self.world = recipe, stage, out, data, world
+        self.dir = out / stage.name
+        self.cfg: ModelConfig = recipe.model_config()
+        self.tokenizer = data.tokenizer
+        if self.tokenizer.vocab_size > self.cfg.vocab_size:
+            raise MobileMoEError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model "
+                                 f"'{self.cfg.name}' has vocab_size {self.cfg.vocab_size}; use a model with a "
+                                 "larger vocab_size or a smaller tokenizer")
+        torch.manual_seed(recipe.seed + stage_index)
+        model = Transformer(self.cfg)
+        if init_dir is not None:
+            loaded = load_model(init_dir)
+            if loaded.model.cfg != self.cfg:
+                raise MobileMoEError(f"stage '{stage.name}' starts from {init_dir}, a '{loaded.model.cfg.name}' "
+                                     f"model whose config differs from the recipe's model '{self.cfg.name}'; "
+                                     "point init_from at a checkpoint of this architecture")
+            model.load_state_dict(loaded.model.state_dict())
+        if stage.kind == "qat":
+            prepare_qat(model)
+        self.raw_model = model
+        self.count = count_parameters(model)
+        self.model = parallel.wrap_model(model, world, parallel_mode)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=stage.lr, betas=(stage.beta1, stage.beta2))
+        from mobilemoe.data import PackedBatches
+
+        sources = [(data.shard_dir(name, "train"), weight) for name, weight in self._mixture()]
+        self.batches = PackedBatches(sources, seq_len=stage.seq_len, batch_size=stage.batch_size,
+                                     seed=recipe.seed + 1000 * stage_index, rank=world.rank, world_size=world.size)
+        self.tokens_per_step = stage.batch_size * stage.seq_len * stage.grad_accum * world.size
+        self.step, self.best_val = 0, math.inf
+
+    def _mixture(self) -> list[tuple[str, float]]:
+        known = self.data.source_names()
+        for name in self.stage.mixture:
+            if name not in known:
+                raise MobileMoEError(f"stage '{self.stage.name}' mixes data source '{name}', which the prepared "
+                                     f"data does not have; known sources: {', '.join(known)}")
+        return list(self.stage.mixture.items())
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        return sorted((self.dir / "checkpoints").glob("step-*"))
+
+    def save_checkpoint(self) -> Path:
+        model_state = parallel.full_model_state(self.model)
+        optim_state = parallel.full_optimizer_state(self.model, self.optimizer)
+        path = self.dir / "checkpoints" / f"step-{self.step:07d}"
+        if self.world.is_main:
+            tensors = {_plain_key(k): v.float().contiguous() for k, v in model_state.items()}
+            flat_optim = {f"{fqn}::{key}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+                          for fqn, state in optim_state["state"].items() for key, v in state.items()}
+            with atomic_dir(path) as tmp:
+                write_model_files(tmp, self.raw_model, self.tokenizer, tensors=tensors)
+                save_file(flat_optim, tmp / "optimizer.safetensors")
+                save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+                (tmp / "trainer_state.json").write_text(json.dumps({
+                    "step": self.step, "best_val": self.best_val, "stage": self.stage.name,
+                    "param_groups": optim_state["param_groups"], "data": self.batches.state_dict(),
+                    "world_size": self.world.size}, indent=1))
+            for old in self.checkpoints()[: -self.stage.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        parallel.barrier(self.world)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["world_size"] != self.world.size:
+            raise MobileMoEError(f"{path} was written by a {state['world_size']}-process run; resume it with the same "
+                                 f"number of processes (this run has {self.world.size})")
+        plain = load_file(path / "model.safetensors")
+        model_state = {k: plain[_plain_key(k)] for k in parallel.full_model_state(self.model)}
+        optim: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in load_file(path / "optimizer.safetensors").items():
+            fqn, name = key.split("::")
+            optim.setdefault(fqn, {})[name] = value
+        parallel.load_full_state(self.model, self.optimizer, model_state,
+                                 {"state": optim, "param_groups": state["param_groups"]})
+        torch.set_rng_state(load_file(path / "rng.safetensors")["torch_rng"])
+        self.batches.load_state_dict(state["data"])
+        self.step, self.best_val = state["step"], state["best_val"]
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        self.model.eval()
+        loss = heldout_loss(self.model, self.data, self._mixture(), self.stage.seq_len, self.stage.batch_size,
+                            self.stage.eval_batches)
+        self.model.train()
+        return loss
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self, resume: bool) -> StageResult:
+        s, world = self.stage, self.world
+        existing = self.checkpoints()
+        if existing and not resume:
+            raise MobileMoEError(f"{self.dir} already has checkpoints; pass --resume to continue that run, or "
+                                 "choose another --out")
+        if existing:
+            self.load_checkpoint(existing[-1])
+            if world.is_main:
+                console.print(f"[bold]{s.name}[/]: resumed from {existing[-1]} (step {self.step})")
+        metrics_file = self.dir / "metrics.jsonl"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        writer = _tensorboard(self.out / "tensorboard", world)
+        self.model.train()
+        started, val_loss = time.perf_counter(), math.nan
+        with progress(disable=not world.is_main) as bar, metrics_file.open("a") as metrics:
+            task = bar.add_task(s.name, total=s.steps, completed=self.step, info="")
+            while self.step < s.steps:
+                lr = lr_at(self.step, s)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, load = 0.0, None
+                step_started = time.perf_counter()
+                for micro in range(s.grad_accum):
+                    inputs, targets = next(self.batches)
+                    out = self.model(inputs, targets)
+                    (out.loss / s.grad_accum).backward()
+                    loss_sum += out.lm_loss.item() / s.grad_accum
+                    if out.expert_load is not None:
+                        load = out.expert_load if micro == 0 else load + out.expert_load
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+                loss = all_mean(loss_sum, world)
+                if not math.isfinite(loss) or not torch.isfinite(grad_norm):
+                    good = self.checkpoints()
+                    raise MobileMoEError(
+                        f"stage '{s.name}': the loss became {loss} at step {self.step}; stopped without updating "
+                        f"the weights. Last good checkpoint: {good[-1] if good else 'none'}. Lower lr (now {lr:.2e}) "
+                        "or raise warmup_steps in the recipe, then rerun with --resume.")
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for moe in parallel.unwrap(self.model).moe_layers():
+                    parallel.all_reduce_sum(moe.load_since_update, world)
+                parallel.unwrap(self.model).update_expert_bias()
+                self.step += 1
+                tok_s = self.tokens_per_step / (time.perf_counter() - step_started)
+                record: dict[str, Any] = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss,
+                                          "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+                if load is not None:
+                    load = parallel.all_reduce_sum(load.clone(), world)
+                    record["expert_load"] = (load / load.sum(-1, keepdim=True)).tolist()
+                    record["max_violation"] = float((load.max(-1).values / load.mean(-1) - 1).mean())
+                if self.step % s.eval_every == 0 or self.step == s.steps:
+                    val_loss = self.evaluate()
+                    record["val_loss"] = val_loss
+                    if val_loss < self.best_val:
+                        self.best_val = val_loss
+                        self._save_weights(self.dir / "best")
+                if world.is_main and (self.step % s.log_every == 0 or "val_loss" in record or self.step == s.steps):
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    _log_tensorboard(writer, s.name, record)
+                info = f"loss {loss:.3f}  lr {lr:.1e}  {tok_s:,.0f} tok/s" + (
+                    f"  val {val_loss:.3f}" if math.isfinite(val_loss) else "")
+                bar.update(task, completed=self.step, info=info)
+                if self.step % s.checkpoint_every == 0 and self.step < s.steps:
+                    self.save_checkpoint()
+        if writer is not None:
+            writer.close()
+        final = self.dir / "final"
+        self._save_weights(final, int4=s.kind == "qat")
+        parallel.barrier(world)
+        return StageResult(s.name, s.kind, self.step, self.step * self.tokens_per_step, val_loss, self.best_val,
+                           time.perf_counter() - started, self.count.active, self.count.total,
+                           6 * self.count.active, str(final))
+
+    def _save_weights(self, path: Path, int4: bool = False) -> None:
+        """Weights only, under the Transformer's own names (collective: call on every rank). `int4` writes
+        the QAT stage's real INT4 output: `quantize_int4` uses the fake quantizer's exact maths, so these
+        are the integers QAT trained against."""
+        weights = plain_state(self.model)
+        if not self.world.is_main:
+            return
+        if int4:
+            plain = Transformer(self.cfg)
+            plain.load_state_dict(weights)
+            save_model(path, plain, self.tokenizer, int4=True)
+        else:
+            save_model(path, self.raw_model, self.tokenizer, tensors=weights)
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, data: Any, mixture: list[tuple[str, float]], seq_len: int, batch_size: int,
+                 max_batches: int) -> float:
+    """Mean next-token loss over the val splits of `mixture`'s sources, weighted like the mixture."""
+    from mobilemoe.data import iter_eval_batches
+
+    total, weights = 0.0, 0.0
+    for name, weight in mixture:
+        losses = [model(x, y).lm_loss.item()
+                  for x, y in iter_eval_batches(data.shard_dir(name, "val"), seq_len, batch_size, max_batches)]
+        if losses:
+            total, weights = total + weight * sum(losses) / len(losses), weights + weight
+    return total / weights if weights else math.nan
+
+
+def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full weights with QAT parametrizations resolved to their latent float values, keyed as in Transformer."""
+    return {_plain_key(k): v.float().contiguous() for k, v in parallel.full_model_state(model).items()}
+
+
+def _plain_key(key: str) -> str:
+    return key.replace("parametrizations.", "").replace(".original", "")
+
+
+def all_mean(value: float, world: parallel.World) -> float:
+    t = parallel.all_reduce_sum(torch.tensor([value], dtype=torch.float64), world)
+    return float(t.item() / world.size)
+
+
+def _tensorboard(path: Path, world: parallel.World):
+    if not world.is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
+
+
+def _log_tensorboard(writer, stage: str, record: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "max_violation"):
+        if key in record:
+            writer.add_scalar(f"{stage}/{key}", record[key], record["tokens"])
+
+
+def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: str | None = None,
+               resume: bool = False, parallel_mode: str = "ddp") -> dict[str, Any]:
+    """Run every stage in order (or only `stage`), each from the previous stage's final weights.
+
+    A stage whose `final/` exists is done and skipped. Returns the summary also written to summary.json.
+    """
+    if isinstance(recipe, str | Path):
+        recipe = load_recipe(recipe)
+    elif isinstance(recipe, dict):
+        recipe = parse_recipe(recipe)
+    out = Path(out_dir)
+    world = parallel.init_world()
+    from mobilemoe.data import prepare
+
+    data = None
+    if world.is_main:  # prepare once; the other ranks then open the cached result
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(_recipe_dict(recipe), sort_keys=False))
+        data = prepare(recipe.data_path())
+    parallel.barrier(world)
+    if data is None:
+        data = prepare(recipe.data_path())
+    summary_file = out / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"stages": {}}
+    selected = [recipe.stage(stage)] if stage else recipe.stages
+    for s in selected:
+        index = recipe.stages.index(s)
+        final = out / s.name / "final"
+        if final.exists() and s.name in summary["stages"]:
+            if world.is_main:
+                console.print(f"[bold]{s.name}[/]: done already ({final}); skipping")
+            continue
+        init = _stage_input(recipe, index, out)
+        result = StageTrainer(recipe, s, index, out, data, init, world, parallel_mode).run(resume)
+        summary["stages"][s.name] = asdict(result)
+        summary.update(asdict(result))
+        if world.is_main:
+            tmp = summary_file.with_name(".summary.json.tmp")
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(summary_file)
+            console.print(f"[bold green]{s.name}[/] done: {result.steps} steps, {result.tokens:,} tokens, "
+                          f"val loss {result.final_val_loss:.4f} (best {result.best_val_loss:.4f}), "
+                          f"{result.wall_time_s:.0f}s -> {final}")
+    return summary
+
+
+def _stage_input(recipe: Recipe, index: int, out: Path) -> Path | None:
+    stage = recipe.stages[index]
+    if stage.init_from:
+        path = Path(stage.init_from)
+        if not (path / "config.json").is_file():
+            raise MobileMoEError(f"stage '{stage.name}': init_from {path} is not a checkpoint directory "
+                                 "(no config.json)")
+        return path
+    if index == 0:
+        return None
+    previous = recipe.stages[index - 1]
+    path = out / previous.name / "final"
+    if not (path / "config.json").is_file():
+        raise MobileMoEError(f"stage '{stage.name}' starts from stage '{previous.name}''s final weights at {path}, "
+                             f"which do not exist: run `mobilemoe train ... --stage {previous.name}` first, or set "
+                             f"init_from for stage '{stage.name}' in the recipe")
+    return path
+
+
+def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    d = asdict(recipe)
+    d.pop("base_dir")
+    d["data"] = str(recipe.data_path())
+    return d
