@@ -106,6 +106,9 @@ class FeedForward(nn.Module):
 class MoE(nn.Module):
     """Fine-grained routed experts (stacked weights) + optional shared experts, token-choice top-k."""
 
+    # The expert computation; benchmarks swap in `moe.run_experts_reference` to measure the grouped dispatch.
+    dispatch = staticmethod(run_experts)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -128,7 +131,7 @@ class MoE(nn.Module):
         r = route_tokens(x, self.router.weight, self.expert_bias, c.top_k, c.router, c.norm_topk_prob,
                          c.routed_scaling_factor, c.aux_loss_coef if self.training else 0.0,
                          c.z_loss_coef if self.training else 0.0)
-        y = run_experts(x, r.experts, r.weights, self.gate_up_proj, self.down_proj)
+        y = self.dispatch(x, r.experts, r.weights, self.gate_up_proj, self.down_proj)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
         if self.training:

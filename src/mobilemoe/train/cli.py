@@ -16,7 +16,7 @@ def _train(args: argparse.Namespace) -> None:
 def _quickstart(args: argparse.Namespace) -> None:
     from mobilemoe.train.quickstart import quickstart
 
-    quickstart(fast=args.fast, out=args.out, resume=args.resume)
+    quickstart(fast=args.fast, out=args.out)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -38,10 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("quickstart", help="the main job: a tiny MobileMoE and its dense twin through all four "
-                       "stages on open data, evaluated, with a report")
+                       "stages on open data, evaluated, with a report (re-run to continue an interrupted one)")
     p.add_argument("--fast", action="store_true", help="about 2 minutes instead of about 15")
     p.add_argument("--out", default=None, help="output directory (default runs/quickstart[-fast])")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
     p.set_defaults(handler=_quickstart)
 
     p = sub.add_parser("plot", help="loss curves and expert-load heat maps of a run, as PNG")

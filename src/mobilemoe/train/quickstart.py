@@ -1,0 +1,141 @@
+"""The main job: a tiny MobileMoE and its dense twin (same active parameters) through all four stages on
+the embedded open data, then held-out losses, the QAT-vs-PTQ gap, benchmark scores and a report.
+
+Re-running continues where an interrupted run stopped (finished stages are skipped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from mobilemoe.checkpoint import load_model, save_model
+from mobilemoe.train.recipe import Recipe, load_recipe
+from mobilemoe.train.trainer import heldout_loss, run_recipe
+from mobilemoe.ui import console
+
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"
+MODELS = ("tiny-moe", "tiny-dense")
+
+
+def quickstart(fast: bool = False, out: str | Path | None = None) -> Path:
+    base = load_recipe(RECIPES / ("quickstart-fast.yaml" if fast else "quickstart.yaml"))
+    out = Path(out or f"runs/{base.name}")
+    summaries = {}
+    for model in MODELS:
+        console.rule(f"[bold]{model}")
+        recipe = dataclasses.replace(base, model=model)
+        run_dir = out / model
+        summaries[model] = run_recipe(recipe, run_dir, resume=(run_dir / "recipe.yaml").exists())
+    console.rule("[bold]evaluation")
+    results = {model: evaluate_run(base, out / model) for model in MODELS}
+    report = write_report(base, out, summaries, results)
+    console.print(f"[bold green]quickstart done[/]: report at {report}")
+    return report
+
+
+def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """Held-out loss of every stage's output on the pre-training and SFT val data; float vs PTQ vs QAT."""
+    from mobilemoe.data import prepare
+
+    data = prepare(recipe.data_path())
+    pretrain, sft = recipe.stages[0], next(s for s in recipe.stages if s.kind == "sft")
+    qat = next(s for s in recipe.stages if s.kind == "qat")
+
+    def loss(ckpt: Path, stage) -> float:
+        model = load_model(ckpt).model
+        return heldout_loss(model, data, list(stage.mixture.items()), stage.seq_len, stage.batch_size,
+                            stage.eval_batches)
+
+    stages = {s.name: {"pretrain_val": loss(run_dir / s.name / "final", pretrain),
+                       "sft_val": loss(run_dir / s.name / "final", sft)} for s in recipe.stages}
+    sft_final = run_dir / sft.name / "final"
+    ptq_dir = run_dir / "ptq-int4"
+    save_model(ptq_dir, load_model(sft_final).model, load_model(sft_final).tokenizer, int4=True)
+    quant = {"float (SFT)": loss(sft_final, sft), "PTQ INT4 (SFT weights)": loss(ptq_dir, sft),
+             "QAT INT4": loss(run_dir / qat.name / "final", sft)}
+    result = {"stages": stages, "quantization": quant, "benchmarks": benchmark_scores(run_dir / qat.name / "final")}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def benchmark_scores(checkpoint: Path) -> dict[str, Any]:
+    """Zero-shot benchmark scores when the benchmark data is in the cache; a note saying how to get it if not."""
+    from mobilemoe.errors import MobileMoEError
+
+    try:
+        from mobilemoe.eval import evaluate
+    except ImportError:
+        return {"note": "the evaluation room (mobilemoe.eval) is not installed"}
+    try:
+        return evaluate(str(checkpoint), tasks=None, limit=200)
+    except MobileMoEError as err:
+        return {"note": str(err)}
+
+
+def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results: dict[str, dict]) -> Path:
+    from mobilemoe.train.plots import plot_run, read_metrics
+
+    lines = [f"# MobileMoE quickstart report ({recipe.name})", "",
+             "A tiny MobileMoE and its dense twin (same active parameters) trained through pre-training, "
+             "mid-training, SFT and INT4 QAT on the embedded open data. Loss is nats/token on held-out documents.",
+             "", "## Models and training", "",
+             "| model | active params | total params | stage | steps | tokens | tokens/s | held-out loss (own data) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model, summary in summaries.items():
+        for name, st in summary["stages"].items():
+            tok_s = st["tokens"] / st["wall_time_s"] if st["wall_time_s"] else 0
+            lines.append(f"| {model} | {st['params_active']:,} | {st['params_total']:,} | {name} | {st['steps']} | "
+                         f"{st['tokens']:,} | {tok_s:,.0f} | {st['final_val_loss']:.4f} |")
+    lines += ["", "## Held-out loss of each stage's output", "",
+              "| model | stage | pre-training val | SFT val |", "|---|---|---|---|"]
+    for model, res in results.items():
+        for name, r in res["stages"].items():
+            lines.append(f"| {model} | {name} | {r['pretrain_val']:.4f} | {r['sft_val']:.4f} |")
+    lines += ["", "## INT4: QAT vs post-training quantization (SFT val loss)", "",
+              "| model | float (SFT) | PTQ INT4 | QAT INT4 | QAT beats PTQ |", "|---|---|---|---|---|"]
+    for model, res in results.items():
+        q = res["quantization"]
+        floaty, ptq, qat = q["float (SFT)"], q["PTQ INT4 (SFT weights)"], q["QAT INT4"]
+        lines.append(f"| {model} | {floaty:.4f} | {ptq:.4f} (+{ptq - floaty:.4f}) | {qat:.4f} ({qat - floaty:+.4f}) "
+                     f"| {'yes' if qat < ptq else 'no'} |")
+    lines += ["", "## Benchmarks (QAT INT4 checkpoints)", ""]
+    for model, res in results.items():
+        bench = res["benchmarks"]
+        lines.append(f"- {model}: {bench.get('note', '')}")
+        if "table" in bench:
+            lines += ["", bench["table"], ""]
+    lines += ["", "## Plots", ""]
+    for model in summaries:
+        for path in plot_run(out / model, out / "plots" / model, label=model):
+            lines.append(f"![{model} {path.stem}](plots/{model}/{path.name})")
+    lines.append(f"![pre-training loss, MoE vs dense]({_compare_plot(out, read_metrics).name})")
+    report = out / "report.md"
+    tmp = report.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(report)
+    return report
+
+
+def _compare_plot(out: Path, read_metrics) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model in MODELS:
+        stages = read_metrics(out / model)
+        first = next(iter(stages.values()))
+        ax.plot([r["tokens"] for r in first], [r["loss"] for r in first], label=f"{model} train", alpha=0.7)
+        val = [(r["tokens"], r["val_loss"]) for r in first if "val_loss" in r]
+        ax.plot(*zip(*val, strict=True), "o--", label=f"{model} held-out")
+    ax.set(xlabel="pre-training tokens", ylabel="loss", title="MoE vs dense at equal active parameters")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "moe_vs_dense.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
