@@ -51,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _room_registrars() -> list:
+    from mobilemoe.export import cli as export_cli
     from mobilemoe.train import cli as train_cli
 
-    return [train_cli.register]
+    return [train_cli.register, export_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

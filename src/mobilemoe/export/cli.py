@@ -1,0 +1,55 @@
+"""`mobilemoe export hf|gguf|pte` and `mobilemoe import hf|released`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mobilemoe.ui import console, human_bytes
+
+    if args.target == "hf":
+        from mobilemoe.export.hf import export_hf
+
+        out = export_hf(args.checkpoint, args.output)
+    elif args.target == "gguf":
+        from mobilemoe.export.gguf import export_gguf
+
+        out = export_gguf(args.checkpoint, args.output, args.quant)
+    else:
+        from mobilemoe.export.pte import export_pte
+
+        out = export_pte(args.checkpoint, args.output, max_seq_len=args.max_seq_len)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    console.print(f"wrote {out} ({human_bytes(size)})")
+
+
+def _import(args: argparse.Namespace) -> None:
+    from mobilemoe.checkpoint import save_model
+    from mobilemoe.ui import console
+
+    if args.source == "hf":
+        from mobilemoe.export.hf import import_hf as load
+    else:
+        from mobilemoe.export.released import load_released as load
+    loaded = load(args.directory)
+    save_model(args.checkpoint, loaded.model, loaded.tokenizer)
+    console.print(f"wrote checkpoint {args.checkpoint}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to Hugging Face transformers, GGUF (llama.cpp) or "
+                                      "ExecuTorch .pte")
+    p.add_argument("target", choices=["hf", "gguf", "pte"])
+    p.add_argument("checkpoint", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("output", help="output directory (hf) or file (gguf, pte)")
+    p.add_argument("--quant", default="q8_0", choices=["q4_0", "q8_0", "f16", "f32"], help="GGUF weight type")
+    p.add_argument("--max-seq-len", type=int, default=256, help="pte: static KV-cache length")
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser("import", help="convert a Hugging Face export or a released facebook/MobileMoE-* "
+                                      "directory into a checkpoint")
+    p.add_argument("source", choices=["hf", "released"])
+    p.add_argument("directory", help="local directory to read")
+    p.add_argument("checkpoint", help="checkpoint directory to write")
+    p.set_defaults(handler=_import)
