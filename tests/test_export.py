@@ -102,3 +102,53 @@ def test_gguf_from_checkpoint_dir(loaded, tmp_path):
 
     save_model(tmp_path / "ckpt", loaded.model, loaded.tokenizer)
     assert export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", "f16").stat().st_size > 0
+
+
+# --- Hugging Face transformers --------------------------------------------------------------------------
+def max_rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("overrides", [{}, {"rope_scaling": {"factor": 8.0, "original_max_position": 64}},
+                                       {"n_layers": 1, "n_routed_experts": 0, "ffn_size": 128},
+                                       {"n_layers": 1, "n_routed_experts": 0, "ffn_size": 128, "qk_norm": False}],
+                         ids=["dots1", "dots1-llama3-rope", "qwen3-dense", "llama-dense"])
+def test_hf_export_logits_match_and_import_round_trips(overrides, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mobilemoe.export.hf import export_hf, import_hf
+
+    loaded = tiny_model(**overrides)
+    export_hf(loaded, tmp_path / "hf")
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = " ".join(TEXTS[:4])
+    ids = loaded.tokenizer.encode(text)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+    with torch.no_grad():
+        want = loaded.model(torch.tensor([ids])).logits
+        assert max_rel_error(hf_model(torch.tensor([ids])).logits, want) < 1e-4
+        back = import_hf(tmp_path / "hf")
+        assert max_rel_error(back.model(torch.tensor([ids])).logits, want) < 1e-6
+    assert back.tokenizer.encode(text) == ids
+
+
+def test_hf_chat_template_matches_ours(loaded, tmp_path):
+    from transformers import AutoTokenizer
+
+    from mobilemoe.export.hf import export_hf
+
+    export_hf(loaded, tmp_path / "hf")
+    messages = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "A shared expert."}]
+    hf_ids = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(messages, tokenize=True,
+                                                                                  add_generation_prompt=True)
+    hf_ids = hf_ids["input_ids"] if isinstance(hf_ids, dict) or hasattr(hf_ids, "keys") else hf_ids
+    assert list(hf_ids) == loaded.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
+
+
+def test_hf_refuses_softmax_routing(tmp_path):
+    from mobilemoe.export.hf import export_hf
+
+    with pytest.raises(MobileMoEError, match="softmax routing"):
+        export_hf(tiny_model(router="softmax"), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
