@@ -152,3 +152,62 @@ def test_hf_refuses_softmax_routing(tmp_path):
     with pytest.raises(MobileMoEError, match="softmax routing"):
         export_hf(tiny_model(router="softmax"), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# --- released facebook/MobileMoE-* layout ---------------------------------------------------------------
+def write_released(loaded: LoadedModel, directory, n_shards: int = 2) -> None:
+    """A synthetic released checkpoint: Llama-4-text config names, interleaved-RoPE q/k, sharded safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mobilemoe.export.released import released_tensors
+
+    cfg = loaded.model.cfg
+    directory.mkdir()
+    tensors = released_tensors(loaded.model)
+    names = sorted(tensors)
+    weight_map = {}
+    for shard in range(n_shards):
+        file = f"model-{shard + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = names[shard::n_shards]
+        save_file({n: tensors[n] for n in part}, directory / file)
+        weight_map |= dict.fromkeys(part, file)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "mobilemoe", "architectures": ["MobileMoEForCausalLM"], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64},
+        "num_local_experts": cfg.n_routed_experts, "num_experts_per_tok": cfg.top_k,
+        "intermediate_size": cfg.expert_size, "intermediate_size_mlp": cfg.shared_expert_size,
+        "interleave_moe_layer_step": 1, "routed_scaling_factor": cfg.routed_scaling_factor,
+        "norm_topk_prob": True, "use_qk_norm": True, "tie_word_embeddings": True}))
+    loaded.tokenizer.save(directory / "tokenizer.json")
+
+
+def test_released_layout_loads_with_equal_logits(tmp_path):
+    from mobilemoe.export.released import load_released
+
+    loaded = tiny_model(rope_scaling={"factor": 8.0, "original_max_position": 64})
+    write_released(loaded, tmp_path / "MobileMoE-micro")
+    back = load_released(tmp_path / "MobileMoE-micro")
+    assert back.model.cfg.rope_scaling == loaded.model.cfg.rope_scaling
+    ids = torch.tensor([loaded.tokenizer.encode(" ".join(TEXTS[:3]))])
+    with torch.no_grad():
+        assert torch.equal(back.model(ids).logits, loaded.model(ids).logits)
+    # Loading the interleaved layout as if it were rotate-half must not match: the permutation matters.
+    with torch.no_grad():
+        assert not torch.allclose(load_released(tmp_path / "MobileMoE-micro", rope_layout="half").model(ids).logits,
+                                  loaded.model(ids).logits, atol=1e-4)
+
+
+def test_released_missing_shard_is_a_clear_error(loaded, tmp_path):
+    from mobilemoe.export.released import load_released
+
+    write_released(loaded, tmp_path / "r")
+    (tmp_path / "r" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(MobileMoEError, match="1 of 2 shards are missing.*model-00002-of-00002"):
+        load_released(tmp_path / "r")
