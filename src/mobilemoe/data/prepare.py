@@ -1,0 +1,390 @@
+"""`prepare(recipe)`: documents -> cleaned, deduplicated, split -> tokenizer -> token shards + manifest.
+
+A data recipe (YAML):
+
+    name: embedded
+    seed: 0
+    val_fraction: 0.02          # documents held out per source (at least 1, at most val_max_docs)
+    tokenizer: {train_bpe: 4096}  # or {path: path/to/tokenizer.json or a tokenizer dir}
+    sources:                    # name -> kind (pretrain | midtrain | sft) and where the documents come from
+      prose: {kind: pretrain, from: [embedded:moby-dick, registry:sotu, ./my_texts/, data.jsonl]}
+      chat:  {kind: sft, from: [{hf: HuggingFaceH4/ultrachat_200k, split: train_sft, limit: 20000}]}
+    leakage: {ngram: 13, benchmarks: [path/to/benchmark.jsonl]}   # optional: drop training docs that share
+                                                                  # an n-gram with benchmark text
+
+The output directory (default `<cache>/prepared/<name>-<hash of the recipe>`) holds `tokenizer.json`,
+`manifest.json` and `<source>/<split>/` shards; it is written whole into a temporary sibling and renamed,
+so it either exists complete or not at all, and a finished one is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobilemoe.config import read_mapping
+from mobilemoe.data import documents as D
+from mobilemoe.data import registry
+from mobilemoe.data.shards import Shard, ShardStats, write_shard
+from mobilemoe.data.tokenizer import Tokenizer, train_bpe
+from mobilemoe.errors import ConfigError, MobileMoEError
+from mobilemoe.ui import console, human_bytes, human_count, progress
+
+KINDS = ("pretrain", "midtrain", "sft")
+FORMAT_VERSION = 1  # bump when the shard/manifest layout changes, so caches are rebuilt
+
+
+@dataclass
+class Input:
+    """One place documents come from: `embedded:<name>`, `registry:<name>`, `hf:<name>` or a path."""
+
+    uri: str
+    text_field: str = "text"
+    limit: int | None = None  # at most this many documents
+    license: str | None = None
+    config: str | None = None  # hf: dataset config
+    split: str = "train"  # hf: dataset split
+
+    def documents(self, base: Path) -> Iterator[D.Document]:
+        scheme, _, rest = self.uri.partition(":")
+        if scheme == "embedded":
+            docs = D.read_embedded(rest)
+        elif scheme == "registry":
+            docs = registry.read_registry(rest)
+        elif scheme == "hf":
+            docs = D.read_hf(rest, self.config, self.split, self.text_field, self.limit)
+        else:
+            docs = D.read_path(self.path(base), self.text_field)
+        for n, doc in enumerate(docs):
+            if self.limit is not None and n >= self.limit:
+                return
+            yield doc
+
+    def path(self, base: Path) -> Path:
+        path = Path(self.uri).expanduser()
+        return path if path.is_absolute() or path.exists() else base / path
+
+    def licence(self) -> str:
+        scheme, _, rest = self.uri.partition(":")
+        if self.license:
+            return self.license
+        if scheme == "embedded":
+            return D.embedded_info(rest)["license"]
+        if scheme == "registry" and rest in registry.SOURCES:
+            return registry.SOURCES[rest].license
+        return "unknown (user-supplied; set `license:` in the recipe)"
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    kind: str
+    inputs: list[Input]
+
+
+@dataclass
+class DataRecipe:
+    name: str
+    sources: list[SourceSpec]
+    tokenizer: dict[str, Any]
+    seed: int = 0
+    val_fraction: float = 0.02
+    val_max_docs: int = 500
+    max_doc_chars: int = 8000  # longer texts are split at paragraph breaks
+    leakage: dict[str, Any] = field(default_factory=dict)
+    base_dir: Path = Path(".")
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def load_data_recipe(path: str | Path) -> DataRecipe:
+    path = Path(path)
+    raw = read_mapping(path)
+    where = str(path)
+    known = {"name", "seed", "val_fraction", "val_max_docs", "max_doc_chars", "tokenizer", "sources", "leakage"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key '{key}'; known keys: {', '.join(sorted(known))}")
+    if not isinstance(raw.get("sources"), dict) or not raw["sources"]:
+        raise ConfigError(f"{where}: 'sources' must map source names to {{kind, from}}")
+    sources = []
+    for name, spec in raw["sources"].items():
+        if not isinstance(spec, dict) or spec.get("kind") not in KINDS or not spec.get("from"):
+            raise ConfigError(f"{where}: source '{name}' needs kind (one of {', '.join(KINDS)}) and a list 'from'")
+        items = spec["from"] if isinstance(spec["from"], list) else [spec["from"]]
+        inputs = []
+        for item in items:
+            if isinstance(item, dict):
+                item = dict(item)
+                for scheme in ("hf", "embedded", "registry"):
+                    if scheme in item:
+                        item["uri"] = f"{scheme}:{item.pop(scheme)}"
+                if "path" in item:
+                    item["uri"] = item.pop("path")
+                try:
+                    inputs.append(Input(**item))
+                except TypeError as err:
+                    raise ConfigError(f"{where}: source '{name}': bad input {item}: {err}") from None
+            else:
+                inputs.append(Input(uri=str(item)))
+        sources.append(SourceSpec(str(name), spec["kind"], inputs))
+    tok = raw.get("tokenizer")
+    if not isinstance(tok, dict) or ("train_bpe" in tok) == ("path" in tok):
+        raise ConfigError(f"{where}: 'tokenizer' must be {{train_bpe: <vocab size>}} or {{path: <tokenizer.json>}}")
+    if not 0 <= float(raw.get("val_fraction", 0.02)) < 0.5:
+        raise ConfigError(f"{where}: val_fraction must be in [0, 0.5)")
+    return DataRecipe(name=str(raw.get("name", path.stem)), sources=sources, tokenizer=tok,
+                      seed=int(raw.get("seed", 0)), val_fraction=float(raw.get("val_fraction", 0.02)),
+                      val_max_docs=int(raw.get("val_max_docs", 500)),
+                      max_doc_chars=int(raw.get("max_doc_chars", 8000)), leakage=raw.get("leakage") or {},
+                      base_dir=path.parent, raw=raw)
+
+
+def recipe_key(recipe: DataRecipe) -> str:
+    """Hash of everything the output depends on: the recipe, local input files (size, mtime), embedded data."""
+    parts: dict[str, Any] = {"recipe": recipe.raw, "format": FORMAT_VERSION, "files": {}}
+    for src in recipe.sources:
+        for item in src.inputs:
+            if item.uri.partition(":")[0] in ("hf", "registry"):
+                continue
+            path = D.EMBEDDED_DIR if item.uri.startswith("embedded:") else item.path(recipe.base_dir)
+            files = sorted(path.rglob("*")) if path.is_dir() else [path]
+            parts["files"][item.uri] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files
+                                        if f.is_file()]
+    if "path" in recipe.tokenizer:
+        tok = Path(recipe.tokenizer["path"])
+        parts["tokenizer_file"] = (tok.stat().st_size, tok.stat().st_mtime_ns) if tok.exists() else None
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- prepared data --------------------------------------------------------------------------------
+class PreparedData:
+    """A prepared data directory: tokenizer, manifest and shards."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if not (self.dir / "manifest.json").is_file():
+            raise MobileMoEError(f"{self.dir} is not prepared data (no manifest.json); run `mobilemoe data prepare`")
+        self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        self.tokenizer = Tokenizer.load(self.dir / "tokenizer.json")
+
+    def source_names(self) -> list[str]:
+        return list(self.manifest["sources"])
+
+    def _source(self, name: str) -> dict[str, Any]:
+        if name not in self.manifest["sources"]:
+            raise MobileMoEError(f"prepared data {self.dir} has no source '{name}'; "
+                                 f"its sources: {', '.join(self.source_names())}")
+        return self.manifest["sources"][name]
+
+    def kind(self, name: str) -> str:
+        return self._source(name)["kind"]
+
+    def shard_dir(self, name: str, split: str = "train") -> Path:
+        self._source(name)
+        if split not in ("train", "val"):
+            raise MobileMoEError(f"split must be 'train' or 'val', got '{split}'")
+        return self.dir / name / split
+
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """A clear error when the tokenizer's ids do not all fit the model's embedding."""
+        if self.tokenizer.vocab_size > model_vocab_size:
+            raise MobileMoEError(f"the tokenizer of {self.dir} has {self.tokenizer.vocab_size} tokens but the model's "
+                                 f"vocab_size is {model_vocab_size}; use a model with a larger vocab_size or a "
+                                 "data recipe with a smaller tokenizer")
+
+    def verify(self) -> None:
+        """Open every shard (index/data/mask agree) and compare tokens.bin checksums with the manifest."""
+        for name, info in self.manifest["sources"].items():
+            for split in ("train", "val"):
+                shard = Shard.open(self.shard_dir(name, split))
+                if shard.meta["sha256"] != info[split]["sha256"]:
+                    raise MobileMoEError(f"shard {shard.directory} does not match manifest.json (checksum); "
+                                         "delete the directory and re-run `mobilemoe data prepare`")
+
+
+# --- the pipeline ---------------------------------------------------------------------------------
+def _render(doc: D.Document) -> str:
+    """Plain text of a document (conversations: the messages' contents), for tokenizer training and dedup."""
+    return doc if isinstance(doc, str) else "\n".join(m["content"] for m in doc)
+
+
+def _clean(doc: D.Document, max_chars: int) -> list[D.Document]:
+    if isinstance(doc, str):
+        text = D.clean_text(doc)
+        return D.chunk_text(text, max_chars) if text else []
+    messages = [{"role": m["role"], "content": m["content"].strip()} for m in doc]
+    ok = any(m["role"] == "assistant" and m["content"] for m in messages)
+    return [messages] if ok else []
+
+
+def _ngrams(text: str, n: int) -> set[int]:
+    words = text.lower().split()
+    return {hash(" ".join(words[i:i + n])) for i in range(len(words) - n + 1)}
+
+
+def benchmark_ngrams(recipe: DataRecipe) -> set[int]:
+    n = int(recipe.leakage.get("ngram", 13))
+    grams: set[int] = set()
+    for uri in recipe.leakage.get("benchmarks", []):
+        for doc in Input(uri=str(uri), text_field=recipe.leakage.get("text_field", "text")).documents(
+                recipe.base_dir):
+            grams |= _ngrams(_render(doc), n)
+    return grams
+
+
+def collect(recipe: DataRecipe, src: SourceSpec, leaked: set[int]) -> tuple[list[D.Document], dict[str, int]]:
+    """Clean, chunk, deduplicate and leakage-filter one source's documents."""
+    seen: set[str] = set()
+    docs: list[D.Document] = []
+    counts = {"raw": 0, "duplicates": 0, "leaked": 0, "empty": 0}
+    n = int(recipe.leakage.get("ngram", 13))
+    for item in src.inputs:
+        for raw in item.documents(recipe.base_dir):
+            counts["raw"] += 1
+            if src.kind == "sft" and isinstance(raw, str):
+                raise MobileMoEError(f"source '{src.name}' is sft but {item.uri} gives plain text; sft sources need "
+                                     "conversations (records with `messages`, `prompt`/`response` or "
+                                     "`instruction`/`output`)")
+            pieces = _clean(raw, recipe.max_doc_chars)
+            counts["empty"] += not pieces
+            for doc in pieces:
+                text = _render(doc)
+                key = hashlib.sha1(text.encode()).hexdigest()
+                if key in seen:
+                    counts["duplicates"] += 1
+                elif leaked and not _ngrams(text, n).isdisjoint(leaked):
+                    counts["leaked"] += 1
+                else:
+                    seen.add(key)
+                    docs.append(doc)
+    if not docs:
+        raise MobileMoEError(f"source '{src.name}' has no documents left after cleaning ({counts})")
+    return docs, counts
+
+
+def split_docs(docs: list[D.Document], recipe: DataRecipe, index: int) -> tuple[list, list]:
+    n_val = 0 if len(docs) < 2 else min(recipe.val_max_docs, max(1, round(recipe.val_fraction * len(docs))))
+    order = np.random.default_rng([recipe.seed, index]).permutation(len(docs))
+    val = set(order[:n_val].tolist()) if recipe.val_fraction > 0 else set()
+    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
+
+
+def build_tokenizer(recipe: DataRecipe, train_docs: dict[str, list[D.Document]]) -> Tokenizer:
+    spec = recipe.tokenizer
+    if "path" in spec:
+        path = Path(spec["path"]).expanduser()
+        return Tokenizer.load(path if path.is_absolute() else recipe.base_dir / path)
+    budget = int(spec.get("train_chars", 20_000_000)) // len(train_docs)
+
+    def sample() -> Iterator[str]:  # an equal share of characters from each source
+        for docs in train_docs.values():
+            used = 0
+            for doc in docs:
+                if used >= budget:
+                    break
+                text = _render(doc)
+                used += len(text)
+                yield text
+
+    return train_bpe(sample(), int(spec["train_bpe"]))
+
+
+def encode_documents(tok: Tokenizer, docs: list[D.Document], chunk: int = 512
+                     ) -> Iterator[tuple[list[int], list[bool] | None]]:
+    """(ids, loss mask or None) per document, encoded in batches (the tokenizer runs them in parallel)."""
+    for i in range(0, len(docs), chunk):
+        batch = docs[i:i + chunk]
+        if isinstance(batch[0], str):
+            yield from ((ids, None) for ids in tok.encode_batch(batch))
+        else:
+            yield from (tok.encode_chat(doc) for doc in batch)
+
+
+def prepare(recipe_path: str | Path, out: str | Path | None = None, quiet: bool = False) -> PreparedData:
+    """Prepare the data a recipe names (once: a finished output directory is reused) and return it."""
+    from mobilemoe.checkpoint import atomic_dir  # here: checkpoint imports mobilemoe.data.tokenizer
+
+    recipe = load_data_recipe(recipe_path)
+    key = recipe_key(recipe)
+    out = Path(out) if out else registry.cache_dir() / "prepared" / f"{recipe.name}-{key}"
+    if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text()).get("key") == key:
+        data = PreparedData(out)
+        if not quiet:
+            print_summary(data.manifest, cached=True)
+        return data
+    start = time.perf_counter()
+    leaked = benchmark_ngrams(recipe) if recipe.leakage.get("benchmarks") else set()
+    splits, counts = {}, {}
+    for i, src in enumerate(recipe.sources):
+        with console.status(f"reading {src.name}"):
+            docs, counts[src.name] = collect(recipe, src, leaked)
+        splits[src.name] = split_docs(docs, recipe, i)
+    read_s = time.perf_counter() - start
+    t = time.perf_counter()
+    with console.status("tokenizer"):
+        tok = build_tokenizer(recipe, {name: s[0] for name, s in splits.items()})
+    tokenizer_s = time.perf_counter() - t
+    t = time.perf_counter()
+    sources: dict[str, Any] = {}
+    with atomic_dir(out) as tmp:
+        tok.save(tmp / "tokenizer.json")
+        total_docs = sum(len(s[0]) + len(s[1]) for s in splits.values())
+        with progress(disable=quiet) as bar:
+            task = bar.add_task("tokenizing", total=total_docs, info="")
+            for src in recipe.sources:
+                stats: dict[str, ShardStats] = {}
+                for split, docs in zip(("train", "val"), splits[src.name], strict=True):
+                    encoded = _advance(encode_documents(tok, docs), bar, task)
+                    stats[split] = write_shard(tmp / src.name / split, encoded, tok.vocab_size, tok.eos_id)
+                sources[src.name] = {
+                    "kind": src.kind, "inputs": [i.uri for i in src.inputs],
+                    "licenses": sorted({i.licence() for i in src.inputs}), **counts[src.name],
+                    **{split: vars(s) for split, s in stats.items()}}
+        tokenize_s = time.perf_counter() - t
+        tokens = sum(s[split]["tokens"] for s in sources.values() for split in ("train", "val"))
+        manifest = {"name": recipe.name, "key": key, "recipe": recipe.raw, "format": FORMAT_VERSION,
+                    "tokenizer": {"vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "source": str(tok.source),
+                                  "sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()},
+                    "leakage": {"ngram": int(recipe.leakage.get("ngram", 13)), "benchmark_ngrams": len(leaked),
+                                "benchmarks": recipe.leakage.get("benchmarks", [])},
+                    "sources": sources,
+                    "timing": {"read_s": round(read_s, 2), "tokenizer_s": round(tokenizer_s, 2),
+                               "tokenize_s": round(tokenize_s, 2), "tokens": tokens,
+                               "tokens_per_s": round(tokens / max(tokenize_s, 1e-9))}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    data = PreparedData(out)
+    if not quiet:
+        print_summary(manifest, cached=False)
+    return data
+
+
+def _advance(items: Iterator, bar, task) -> Iterator:
+    for item in items:
+        bar.advance(task)
+        yield item
+
+
+def print_summary(manifest: dict[str, Any], cached: bool) -> None:
+    from rich.table import Table
+
+    timing = manifest["timing"]
+    title = (f"prepared data '{manifest['name']}' ({'cached' if cached else 'built'}): tokenizer vocab "
+             f"{manifest['tokenizer']['vocab_size']}, {human_count(timing['tokens'])} tokens, tokenized at "
+             f"{human_count(timing['tokens_per_s'])} tokens/s")
+    table = Table(title=title)
+    for col in ("source", "kind", "licences", "docs train/val", "tokens train", "tokens val", "loss tokens",
+                "dups", "leaked", "shard"):
+        table.add_column(col, justify="left" if col in ("source", "kind", "licences") else "right")
+    for name, s in manifest["sources"].items():
+        table.add_row(name, s["kind"], "; ".join(s["licenses"]), f"{s['train']['documents']}/{s['val']['documents']}",
+                      human_count(s["train"]["tokens"]), human_count(s["val"]["tokens"]),
+                      human_count(s["train"]["loss_tokens"]), str(s["duplicates"]), str(s["leaked"]),
+                      human_bytes(s["train"]["bytes"] + s["val"]["bytes"]))
+    console.print(table)

