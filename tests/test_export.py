@@ -211,3 +211,30 @@ def test_released_missing_shard_is_a_clear_error(loaded, tmp_path):
     (tmp_path / "r" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(MobileMoEError, match="1 of 2 shards are missing.*model-00002-of-00002"):
         load_released(tmp_path / "r")
+
+
+# --- ExecuTorch -----------------------------------------------------------------------------------------
+@pytest.mark.slow  # torch.export + XNNPACK lowering takes ~35 s on two shared cores
+def test_pte_greedy_tokens_match_the_quantized_model(loaded, tmp_path):
+    from mobilemoe.export.pte import PteRunner, export_pte, quantized_decoder
+
+    ids = loaded.tokenizer.encode(PROMPT)
+    runner = PteRunner(export_pte(loaded, tmp_path / "m.pte", max_seq_len=32))
+    eager = quantized_decoder(loaded, max_seq_len=32)
+    with torch.no_grad():
+        for pos, token in enumerate(ids):
+            want = eager(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
+            assert max_rel_error(runner.step(token, pos), want) < 2e-2
+    runner = PteRunner(tmp_path / "m.pte")  # fresh KV cache
+    assert runner.greedy(ids, 8) == PteRunner.greedy(_EagerSteps(quantized_decoder(loaded, 32)), ids, 8)
+
+
+class _EagerSteps:
+    """The eager quantized module behind PteRunner's step interface."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]

@@ -1,0 +1,163 @@
+"""ExecuTorch export: torch.export -> XNNPACK -> .pte, 8-bit dynamic activations / 4-bit g32 weights.
+
+The exported program is one decode step with a static KV cache: forward(tokens [1, 1], input_pos [1])
+-> logits [1, 1, V]; the prompt is fed one token at a time (same program). Quantization (torchao):
+attention and shared-expert linears and the output head `Int8DynamicActivationIntxWeightConfig(int4,
+PerGroup(32))` (XNNPACK runs them), the embedding `IntxWeightOnlyConfig(int4, PerGroup(32))`. The
+router and selection bias stay fp32 (as in our INT4 format).
+
+Routed experts: torchao quantizes only 2-D weights, and the ExecuTorch runtime executes a narrow set
+of MoE patterns (ECOSYSTEM.md). We keep the stacked experts in our INT4 storage format (packed uint8
++ fp16 scales, `mobilemoe.quantize.quantize_int4`, so a QAT checkpoint's weights are reproduced
+exactly), and per token gather only the top-k experts with `index_select`, unpack and scale them, and
+apply them with `einsum` — only the selected experts are read and computed. These matmuls run in
+ExecuTorch's portable kernels (fp32 activations), not XNNPACK.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mobilemoe.checkpoint import LoadedModel
+from mobilemoe.errors import MobileMoEError
+from mobilemoe.export import as_loaded, atomic_output_file
+from mobilemoe.model import MoE, Transformer
+from mobilemoe.quantize import GROUP_SIZE, quantize_int4
+
+
+class GatheredInt4Experts(nn.Module):
+    """Top-k routing + only the selected experts, from INT4 stacked weights, in ops ExecuTorch runs."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        c = moe.cfg
+        self.top_k, self.sigmoid, self.norm_topk_prob = c.top_k, c.router == "sigmoid", c.norm_topk_prob
+        self.scaling, self.expert_size = c.routed_scaling_factor, c.expert_size
+        self.register_buffer("router", moe.router.weight.detach().float().clone())
+        self.register_buffer("expert_bias", moe.expert_bias.detach().float().clone())
+        for name in ("gate_up_proj", "down_proj"):
+            packed, scales = quantize_int4(getattr(moe, name).detach())
+            self.register_buffer(f"{name}_packed", packed)
+            self.register_buffer(f"{name}_scales", scales.float())
+        self.shared_expert = copy.deepcopy(moe.shared_expert)
+
+    @staticmethod
+    def _gather(packed: Tensor, scales: Tensor, experts: Tensor) -> Tensor:
+        """Dequantized weights of `experts` only: [n, out, in] float."""
+        p = packed.index_select(0, experts).to(torch.int32)
+        s = scales.index_select(0, experts)
+        # Unpack two nibbles per byte with plain arithmetic (shifts are not in the core ATen opset).
+        high = torch.div(p, 16, rounding_mode="floor")
+        low = p - high * 16
+        low, high = low - 8, high - 8
+        q = torch.stack((low, high), dim=-1).reshape(p.shape[0], p.shape[1], s.shape[-1], GROUP_SIZE)
+        return (q.float() * s.unsqueeze(-1)).reshape(p.shape[0], p.shape[1], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        n_tokens = x.shape[0]
+        logits = F.linear(x.float(), self.router)
+        if self.sigmoid:
+            scores = torch.sigmoid(logits)
+            experts = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
+            weights = scores.gather(-1, experts)
+        else:
+            weights, experts = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        weights = weights * self.scaling
+
+        flat = experts.reshape(-1)
+        xk = x.unsqueeze(1).expand(n_tokens, self.top_k, shape[-1]).reshape(-1, shape[-1])
+        hidden = torch.einsum("nd,nod->no", xk, self._gather(self.gate_up_proj_packed, self.gate_up_proj_scales, flat))
+        act = F.silu(hidden[:, : self.expert_size]) * hidden[:, self.expert_size:]
+        out = torch.einsum("ni,ndi->nd", act, self._gather(self.down_proj_packed, self.down_proj_scales, flat))
+        y = (out.reshape(n_tokens, self.top_k, -1) * weights.unsqueeze(-1)).sum(1).to(x.dtype)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)
+        return y.reshape(shape)
+
+
+class DecodeStep(nn.Module):
+    """forward(tokens [1, T], input_pos [T]) -> logits [1, T, V] over a static KV cache."""
+
+    def __init__(self, model: Transformer, max_seq_len: int):
+        super().__init__()
+        self.model = copy.deepcopy(model).float().eval()
+        for block in self.model.layers:
+            if isinstance(block.ffn, MoE):
+                block.ffn = GatheredInt4Experts(block.ffn)
+        self.model.setup_cache(1, max_seq_len)
+        # A separate output head so it can be quantized as a linear (8da4w) and the embedding as a lookup.
+        self.model.lm_head = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
+        self.model.lm_head.weight = nn.Parameter(model.embed.weight.detach().float().clone())
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return self.model(tokens, input_pos=input_pos).logits
+
+
+def quantized_decoder(source: str | Path | LoadedModel, max_seq_len: int = 256) -> DecodeStep:
+    """The eager module the .pte is exported from: our model, 8da4w linears, INT4 embedding and experts."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    loaded = as_loaded(source)
+    cfg = loaded.model.cfg
+    if not cfg.tie_embeddings:
+        raise MobileMoEError("ExecuTorch export supports tied embeddings only (every MobileMoE model has them)")
+    if cfg.d_model % GROUP_SIZE or (cfg.is_moe and cfg.expert_size % GROUP_SIZE):
+        raise MobileMoEError(f"4-bit group-{GROUP_SIZE} weights need d_model and expert_size divisible by "
+                             f"{GROUP_SIZE}")
+    step = DecodeStep(loaded.model, max_seq_len).eval()
+    quantize_(step, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE)),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    quantize_(step, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                          weight_granularity=PerGroup(GROUP_SIZE)),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    return step
+
+
+def export_pte(source: str | Path | LoadedModel, path: str | Path, max_seq_len: int = 256) -> Path:
+    """Write an ExecuTorch program (XNNPACK-delegated, 8da4w) of a checkpoint; see module docstring."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    step = quantized_decoder(source, max_seq_len)
+    example = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        program = torch.export.export(step, example, strict=False)
+    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    et_program = lowered.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
+    with atomic_output_file(path) as tmp:
+        tmp.write_bytes(et_program.buffer)
+    return Path(path)
+
+
+class PteRunner:
+    """Greedy decoding with a .pte in the ExecuTorch Python runtime (one token per call)."""
+
+    def __init__(self, path: str | Path):
+        import executorch.kernels.quantized  # noqa: F401  registers the quantized embedding kernels
+        from executorch.runtime import Runtime
+
+        self.method = Runtime.get().load_program(Path(path)).load_method("forward")
+
+    def step(self, token: int, pos: int) -> Tensor:
+        out = self.method.execute([torch.tensor([[token]]), torch.tensor([pos])])
+        return out[0][0, -1]
+
+    def greedy(self, prompt: list[int], n_new: int) -> list[int]:
+        logits = None
+        for pos, token in enumerate(prompt):
+            logits = self.step(token, pos)
+        new = []
+        for i in range(n_new):
+            new.append(int(logits.argmax()))
+            logits = self.step(new[-1], len(prompt) + i)
+        return new
