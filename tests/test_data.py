@@ -166,6 +166,11 @@ def test_loaders_text_jsonl_parquet_arrow(tmp_path):
     assert list(read_path(tmp_path / "d" / "c.parquet", text_field="body")) == ["parquet row"]
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one\u2028two\x1cthree"}, ensure_ascii=False) + "\n")
+    assert list(read_path(tmp_path / "a.jsonl")) == ["one\u2028two\x1cthree"]
+
+
 def test_empty_and_non_utf8_files_are_clear_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(MobileMoEError, match="empty.txt is empty"):

@@ -90,7 +90,7 @@ def _records(path: Path) -> Iterator[dict[str, Any]]:
     name = path.name
     if name.endswith((".jsonl", ".jsonl.gz")):
         text = gzip.decompress(path.read_bytes()).decode("utf-8") if name.endswith(".gz") else _read_text_file(path)
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): strings may hold U+2028 etc.
             if line.strip():
                 try:
                     yield json.loads(line)

