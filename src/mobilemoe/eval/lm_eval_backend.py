@@ -1,0 +1,53 @@
+"""MobileMoE as an lm-eval 0.4.13 model backend, registered as `mobilemoe`.
+
+Importing this module registers it; then
+    lm_eval --model mobilemoe --model_args checkpoint=DIR[,tokenizer=PATH,max_length=N] --tasks ...
+works through `python -m mobilemoe.eval.lm_eval_cli` (lm-eval has no plugin discovery for models), and
+`lm_eval.simple_evaluate(model="mobilemoe", model_args="checkpoint=DIR", ...)` works after the import.
+The backend scores with `mobilemoe.eval.scoring.Scorer`, the same code `mobilemoe eval` uses, so both give
+identical log-likelihoods and therefore identical acc / acc_norm.
+"""
+
+from __future__ import annotations
+
+import lm_eval.models  # noqa: F401  (registers lm-eval's own backends first: get_model skips that if ours is alone)
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from mobilemoe.eval.runner import load_for_eval
+from mobilemoe.eval.scoring import Scorer
+
+
+@register_model("mobilemoe")
+class MobileMoELM(TemplateLM):
+    def __init__(self, checkpoint: str, tokenizer: str | None = None, batch_size: int | str = 8,
+                 max_length: int | None = None, device: str = "cpu", **_ignored):
+        super().__init__()
+        loaded = load_for_eval(checkpoint, tokenizer)
+        self.scorer = Scorer(loaded.model.to(device), loaded.tokenizer,
+                             int(batch_size) if str(batch_size).isdigit() else 8,
+                             int(max_length) if max_length else None)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.scorer.tokenizer.eos_id
+
+    def tok_encode(self, string: str, **kwargs) -> list[int]:
+        return self.scorer.tokenizer.encode(string)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        return self.scorer.loglikelihood_tokens([(context, continuation) for _, context, continuation in requests])
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (text,) in (r.args for r in requests):
+            out.append(sum(ll for ll, _ in self.scorer.loglikelihood_tokens(self.scorer.rolling_windows(text))))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for context, gen_kwargs in (r.args for r in requests):
+            until = gen_kwargs.get("until", [])
+            until = [until] if isinstance(until, str) else list(until)
+            out.append(self.scorer.generate_until(context, until, int(gen_kwargs.get("max_gen_toks", 256))))
+        return out
