@@ -77,10 +77,7 @@ class StageTrainer:
         self.dir = out / stage.name
         self.cfg: ModelConfig = recipe.model_config()
         self.tokenizer = data.tokenizer
-        if self.tokenizer.vocab_size > self.cfg.vocab_size:
-            raise MobileMoEError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model "
-                                 f"'{self.cfg.name}' has vocab_size {self.cfg.vocab_size}; use a model with a "
-                                 "larger vocab_size or a smaller tokenizer")
+        data.check_vocab(self.cfg.vocab_size)
         torch.manual_seed(recipe.seed + stage_index)
         model = Transformer(self.cfg)
         if init_dir is not None:
