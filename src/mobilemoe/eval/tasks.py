@@ -73,14 +73,16 @@ class Task:
         return examples[:limit] if limit is not None else examples
 
 
-def _mc(context: str, choices: Sequence[str], gold: int) -> MultipleChoice:
+def multiple_choice_example(context: str, choices: Sequence[str], gold: int) -> MultipleChoice:
+    """A question the usual way: one shared context, each choice a continuation after lm-eval's delimiter."""
     return MultipleChoice([(context, f"{TARGET_DELIMITER}{c}") for c in choices], list(choices), gold)
 
 
 def _arc(task: str) -> Callable[[], list[Example]]:
     def load() -> list[Example]:  # arc/arc_easy.yaml; test split from the OLMES request file (full test set)
         docs = _request_docs(f"{task}/test_rc_5shot", task)
-        return [_mc(f"Question: {_strip_question(d['query'])}\nAnswer:", d["choices"], d["gold"]) for d in docs]
+        return [multiple_choice_example(f"Question: {_strip_question(d['query'])}\nAnswer:", d["choices"], d["gold"])
+                for d in docs]
     return load
 
 
@@ -97,7 +99,7 @@ def _request_docs(variant: str, task: str) -> list[dict[str, Any]]:
 
 
 def _openbookqa() -> list[Example]:  # openbookqa/openbookqa.yaml: doc_to_text is the bare question stem
-    return [_mc(_strip_question(d["query"]), d["choices"], d["gold"])
+    return [multiple_choice_example(_strip_question(d["query"]), d["choices"], d["gold"])
             for d in _request_docs("openbookqa/test_rc_5shot", "openbookqa")]
 
 
@@ -110,23 +112,25 @@ def _hellaswag() -> list[Example]:
     out: list[Example] = []
     for d in data.read_arrow("hellaswag/none/validation", "hellaswag"):
         ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
-        out.append(_mc(_hellaswag_clean(d["activity_label"] + ": " + ctx),
+        out.append(multiple_choice_example(_hellaswag_clean(d["activity_label"] + ": " + ctx),
                        [_hellaswag_clean(e) for e in d["endings"]], int(d["label"])))
     return out
 
 
 def _piqa() -> list[Example]:  # piqa/piqa.yaml
-    return [_mc(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], d["label"])
+    return [multiple_choice_example(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], d["label"])
             for d in data.read_arrow("piqa/plain_text/validation", "piqa")]
 
 
 def _siqa() -> list[Example]:  # siqa/siqa.yaml
-    return [_mc(f"Q: {d['context']} {d['question']}\nA:", [d["answerA"], d["answerB"], d["answerC"]],
-                int(d["label"]) - 1) for d in data.read_arrow("social_i_qa/none/validation", "social_iqa")]
+    return [multiple_choice_example(f"Q: {d['context']} {d['question']}\nA:",
+                                    [d["answerA"], d["answerB"], d["answerC"]], int(d["label"]) - 1)
+            for d in data.read_arrow("social_i_qa/none/validation", "social_iqa")]
 
 
 def _boolq() -> list[Example]:  # super_glue/boolq/default.yaml
-    return [_mc(f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ["no", "yes"], int(d["answer"]))
+    return [multiple_choice_example(f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ["no", "yes"],
+                                    int(d["answer"]))
             for d in data.read_arrow("boolq/none/validation", "boolq")]
 
 
@@ -147,13 +151,13 @@ def _commonsense_qa() -> list[Example]:  # commonsense_qa/default.yaml
     for d in data.read_arrow("tau/commonsense_qa/none/validation", "commonsense_qa"):
         texts = d["choices"]["text"]
         lines = "".join(f"\n{letter}. {text}" for letter, text in zip("ABCDE", texts, strict=True))
-        out.append(_mc(f"Question: {d['question'].strip()}{lines}\nAnswer:", list("ABCDE"),
+        out.append(multiple_choice_example(f"Question: {d['question'].strip()}{lines}\nAnswer:", list("ABCDE"),
                        "ABCDE".index(d["answerKey"])))
     return out
 
 
 def _sciq() -> list[Example]:  # sciq/sciq.yaml
-    return [_mc(f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:",
+    return [multiple_choice_example(f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:",
                 [d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]], 3)
             for d in data.read_arrow("sciq/none/validation", "sciq")]
 
@@ -163,7 +167,7 @@ def _copa() -> list[Example]:  # super_glue/copa/default.yaml + utils.py (choice
     for d in data.read_arrow("super_glue/copa/validation", "copa"):
         connector = {"cause": "because", "effect": "therefore"}[d["question"]]
         choices = [" " + c[0].lower() + c[1:] for c in (d["choice1"], d["choice2"])]
-        out.append(_mc(d["premise"].strip()[:-1] + f" {connector}", choices, d["label"]))
+        out.append(multiple_choice_example(d["premise"].strip()[:-1] + f" {connector}", choices, d["label"]))
     return out
 
 
@@ -175,7 +179,7 @@ def _mmlu() -> list[Example]:
         topic = subject.replace("_", " ")
         description = f"The following are multiple choice questions (with answers) about {topic}.\n\n"
         rows = data.read_arrow(f"hails/mmlu_no_train/{subject}/test", "mmlu")
-        per_subject.append([_mc(description + f"{d['question'].strip()}\n" + "".join(
+        per_subject.append([multiple_choice_example(description + f"{d['question'].strip()}\n" + "".join(
             f"{letter}. {choice}\n" for letter, choice in zip("ABCD", d["choices"], strict=True)) + "Answer:",
             list("ABCD"), d["answer"]) for d in rows])
     longest = max(len(s) for s in per_subject)
