@@ -166,3 +166,15 @@ def test_error_messages(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILEMOE_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(data.BenchmarkDataMissing, match="task 'piqa' needs the benchmark data.*mobilemoe eval --fetch"):
         evaluate(checkpoint, "piqa", limit=2, show_progress=False)
+
+
+def test_batched_generation_equals_one_at_a_time_and_exact_match(checkpoint):
+    from mobilemoe.eval.runner import exact_match
+
+    loaded = load_for_eval(checkpoint)
+    contexts = ["Question: where do birds live?\nAnswer:", "The quick", "Paris is the capital of France, and"]
+    one_by_one = [Scorer(loaded.model, loaded.tokenizer, batch_size=1).generate_until([c], ["."], 6)[0]
+                  for c in contexts]
+    assert Scorer(loaded.model, loaded.tokenizer, batch_size=3).generate_until(contexts, ["."], 6) == one_by_one
+    assert all("." not in text for text in one_by_one)
+    assert exact_match("The Seine!", ["seine"], ["\\b(?:The |the )"]) and not exact_match("Rhine", ["Seine"])

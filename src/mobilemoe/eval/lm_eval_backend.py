@@ -21,8 +21,12 @@ from mobilemoe.eval.scoring import Scorer
 @register_model("mobilemoe")
 class MobileMoELM(TemplateLM):
     def __init__(self, checkpoint: str, tokenizer: str | None = None, batch_size: int | str = 8,
-                 max_length: int | None = None, device: str = "cpu", **_ignored):
+                 max_length: int | None = None, device: str | None = None, **_ignored):
         super().__init__()
+        import torch
+
+        if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         loaded = load_for_eval(checkpoint, tokenizer)
         self.scorer = Scorer(loaded.model.to(device), loaded.tokenizer,
                              int(batch_size) if str(batch_size).isdigit() else 8,
@@ -46,8 +50,8 @@ class MobileMoELM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
-        for context, gen_kwargs in (r.args for r in requests):
+        for context, gen_kwargs in (r.args for r in requests):  # one at a time: each request has its own stops
             until = gen_kwargs.get("until", [])
             until = [until] if isinstance(until, str) else list(until)
-            out.append(self.scorer.generate_until(context, until, int(gen_kwargs.get("max_gen_toks", 256))))
+            out += self.scorer.generate_until([context], until, int(gen_kwargs.get("max_gen_toks", 256)))
         return out

@@ -122,10 +122,8 @@ def run_task(scorer, task: Task, examples: list, advance: Callable[[int], None])
         return {"acc": sum(g for _, g in scored) / len(scored),
                 "perplexity": math.exp(-sum(ll for ll, _ in scored) / len(scored))}
     if task.kind == "generate":
-        hits = 0
-        for e in examples:
-            hits += exact_match(scorer.generate_until(e.context, e.until).lstrip(), e.targets, e.ignore_regexes)
-            advance(1)
+        answers = scorer.generate_until([e.context for e in examples], examples[0].until, advance=advance)
+        hits = sum(exact_match(a.lstrip(), e.targets, e.ignore_regexes) for a, e in zip(answers, examples, strict=True))
         return {"exact_match": hits / len(examples)}
     windows = [scorer.rolling_windows(e.text) for e in examples]
     total = sum(ll for ll, _ in scorer.loglikelihood_tokens([w for ws in windows for w in ws], advance))

@@ -78,21 +78,39 @@ class Scorer:
             self.tokenizer.encode(text), self.tokenizer.eos_id, self.max_length, context_len=1)]
 
     @torch.inference_mode()
-    def generate_until(self, context: str, until: Sequence[str], max_new_tokens: int = 32) -> str:
-        """Greedy continuation of `context`, cut before the first stop string (lm-eval's generate_until)."""
-        ids = self.tokenizer.encode(context) or [self.tokenizer.eos_id]
-        ids = ids[-(self.max_length - max_new_tokens):]
-        generated: list[int] = []
-        text = ""
-        for _ in range(max_new_tokens):
-            logits = self.model(torch.tensor([ids + generated], device=self.device)).logits
-            token = int(logits[0, -1].argmax())
-            if token in self.tokenizer.stop_ids():
-                break
-            generated.append(token)
-            text = self.tokenizer.decode(generated)
-            if any(stop in text for stop in until):
-                break
-        for stop in until:
-            text = text.split(stop)[0]
-        return text
+    def generate_until(self, contexts: Sequence[str], until: Sequence[str], max_new_tokens: int = 32,
+                       advance: Callable[[int], None] | None = None) -> list[str]:
+        """Greedy continuation of each context, cut before the first stop string (lm-eval's generate_until).
+        Rows are decoded together, right-padded: each takes its next token from its own last position."""
+        outputs = [""] * len(contexts)
+        for start in range(0, len(contexts), self.batch_size):
+            rows = list(range(start, min(start + self.batch_size, len(contexts))))
+            prompts = {i: (self.tokenizer.encode(contexts[i]) or [self.tokenizer.eos_id])
+                       [-(self.max_length - max_new_tokens):] for i in rows}
+            generated: dict[int, list[int]] = {i: [] for i in rows}
+            active = list(rows)
+            for _ in range(max_new_tokens):
+                sequences = [prompts[i] + generated[i] for i in active]
+                tokens = torch.zeros(len(active), max(map(len, sequences)), dtype=torch.long)
+                for row, ids in enumerate(sequences):
+                    tokens[row, :len(ids)] = torch.tensor(ids)
+                logits = self.model(tokens.to(self.device)).logits
+                still = []
+                for row, i in enumerate(active):
+                    token = int(logits[row, len(sequences[row]) - 1].argmax())
+                    if token in self.tokenizer.stop_ids():
+                        continue
+                    generated[i].append(token)
+                    if not any(stop in self.tokenizer.decode(generated[i]) for stop in until):
+                        still.append(i)
+                active = still
+                if not active:
+                    break
+            for i in rows:
+                text = self.tokenizer.decode(generated[i])
+                for stop in until:
+                    text = text.split(stop)[0]
+                outputs[i] = text
+            if advance:
+                advance(len(rows))
+        return outputs
