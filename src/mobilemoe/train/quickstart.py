@@ -99,7 +99,7 @@ def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results:
     for model, res in results.items():
         q = res["quantization"]
         floaty, ptq, qat = q["float (SFT)"], q["PTQ INT4 (SFT weights)"], q["QAT INT4"]
-        lines.append(f"| {model} | {floaty:.4f} | {ptq:.4f} (+{ptq - floaty:.4f}) | {qat:.4f} ({qat - floaty:+.4f}) "
+        lines.append(f"| {model} | {floaty:.4f} | {ptq:.4f} ({ptq - floaty:+.4f}) | {qat:.4f} ({qat - floaty:+.4f}) "
                      f"| {'yes' if qat < ptq else 'no'} |")
     lines += ["", "## Benchmarks (QAT INT4 checkpoints)", ""]
     for model, res in results.items():
