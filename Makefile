@@ -17,9 +17,11 @@ install: $(BIN)/mobilemoe
 quickstart: install
 	$(BIN)/mobilemoe quickstart $(if $(FAST),--fast,)
 
+# `pytest` alone skips the slow checks (quick loop while developing); CI runs them as well.
 test: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m slow
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
