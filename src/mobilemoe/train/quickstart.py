@@ -101,7 +101,10 @@ def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results:
         floaty, ptq, qat = q["float (SFT)"], q["PTQ INT4 (SFT weights)"], q["QAT INT4"]
         lines.append(f"| {model} | {floaty:.4f} | {ptq:.4f} ({ptq - floaty:+.4f}) | {qat:.4f} ({qat - floaty:+.4f}) "
                      f"| {'yes' if qat < ptq else 'no'} |")
-    lines += ["", "## Benchmarks (QAT INT4 checkpoints)", ""]
+    lines += ["", "PTQ rounds the SFT weights to INT4 with no training. QAT also keeps training on the SFT mix "
+              "for its own steps, so part of its lead over the float SFT model is that extra training; the PTQ "
+              "column is the cost of INT4 that QAT is there to remove.",
+              "", "## Benchmarks (QAT INT4 checkpoints)", ""]
     for model, res in results.items():
         bench = res["benchmarks"]
         lines.append(f"- {model}: {bench.get('note', '')}")
