@@ -54,9 +54,10 @@ def _room_registrars() -> list:
     from mobilemoe.data import cli as data_cli
     from mobilemoe.eval import cli as eval_cli
     from mobilemoe.export import cli as export_cli
+    from mobilemoe.infer import cli as infer_cli
     from mobilemoe.train import cli as train_cli
 
-    return [data_cli.register, train_cli.register, eval_cli.register, export_cli.register]
+    return [data_cli.register, train_cli.register, export_cli.register, infer_cli.register, eval_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

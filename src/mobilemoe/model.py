@@ -158,10 +158,11 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 input_pos: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
-        if isinstance(self.ffn, MoE):
-            y, aux, load = self.ffn(self.ffn_norm(x))
+        y = self.ffn(self.ffn_norm(x))
+        if isinstance(y, tuple):  # MoE layers also return their auxiliary loss and expert load
+            y, aux, load = y
             return x + y, aux, load
-        return x + self.ffn(self.ffn_norm(x)), None, None
+        return x + y, None, None
 
 
 class Transformer(nn.Module):
@@ -189,10 +190,10 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
         """Static KV cache for decoding; forward then needs `input_pos`."""
+        device = self.inv_freq.device
         for block in self.layers:
-            block.attn.kv_cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype).to(
-                self.embed.weight.device)
-        self.causal_mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=self.embed.weight.device))
+            block.attn.kv_cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype).to(device)
+        self.causal_mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device))
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None) -> ModelOutput:
         """tokens [B, T]; targets [B, T] with IGNORE_INDEX where no loss is taken; input_pos [T] when cached."""

@@ -1,0 +1,159 @@
+"""`mobilemoe bench`: the on-device profile of INT4 models on this CPU, side by side in one run.
+
+For each preset (random INT4 weights, made directly in the INT4 format): prefill tok/s and time to first
+token at each prompt length, decode tok/s at each context, INT4 weight bytes, resident memory after
+loading, and decode bandwidth use (active weight bytes per token x tok/s over this machine's measured
+copy bandwidth). Prompts are real text (the embedded Moby Dick, as UTF-8 byte ids), so the routing sees
+real token sequences. Models are measured in turn, each warm, timings interleaved by prompt length.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mobilemoe.config import get_preset
+from mobilemoe.infer.engine import COMPUTE_DTYPE, build_int4_model, random_int4_tensors
+from mobilemoe.model import Transformer, build_on_meta, count_parameters
+from mobilemoe.quantize import weight_bytes
+from mobilemoe.ui import console, human_bytes, human_count
+
+
+@dataclass
+class ModelBench:
+    preset: str
+    active_params: int
+    total_params: int
+    int4_bytes: int
+    active_int4_bytes: int  # weight bytes read per decoded token
+    rss_after_load: int
+    prefill_tok_s: dict[int, float] = field(default_factory=dict)
+    ttft_s: dict[int, float] = field(default_factory=dict)
+    decode_tok_s: dict[int, float] = field(default_factory=dict)
+
+
+def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes/s moved by a large tensor copy (read + write), the machine's practical memory bandwidth."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * n_bytes / best
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def real_text_ids(n: int, vocab: int) -> list[int]:
+    from mobilemoe.data.documents import read_embedded
+
+    text = "".join(doc for doc, _ in zip(read_embedded("moby-dick"), range(50), strict=False) if isinstance(doc, str))
+    ids = [b % vocab for b in text.encode()]
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+@torch.inference_mode()
+def bench_model(preset: str, prompt_lens: list[int], contexts: list[int], decode_steps: int) -> ModelBench:
+    cfg = get_preset(preset)
+    meta = build_on_meta(cfg)
+    count = count_parameters(meta)
+    active_bytes = weight_bytes(meta) - _inactive_expert_bytes(meta)
+    model = build_int4_model(cfg, random_int4_tensors(cfg))
+    result = ModelBench(preset, count.active, count.total, weight_bytes(meta), active_bytes, _rss())
+    ids = real_text_ids(max(prompt_lens + contexts) + decode_steps + 1, cfg.vocab_size)
+    _prefill(model, ids[:32])  # warm-up
+    for n in prompt_lens:
+        seconds = _timed(lambda n=n: _prefill(model, ids[:n]))
+        result.prefill_tok_s[n], result.ttft_s[n] = n / seconds, seconds
+
+    def decode(pos: int) -> None:
+        model(torch.tensor([[ids[pos]]]), input_pos=torch.tensor([pos]))
+
+    for ctx in contexts:
+        _prefill(model, ids[:ctx], extra=decode_steps + 1)
+        decode(ctx)  # warm
+        seconds = _timed(lambda ctx=ctx: [decode(ctx + 1 + i) for i in range(decode_steps)])
+        result.decode_tok_s[ctx] = decode_steps / seconds
+    return result
+
+
+def _prefill(model: Transformer, ids: list[int], extra: int = 1) -> None:
+    model.setup_cache(1, len(ids) + extra, COMPUTE_DTYPE)
+    model(torch.tensor([ids]), input_pos=torch.arange(len(ids)))
+
+
+def _inactive_expert_bytes(model: Transformer) -> int:
+    total = 0
+    for moe in model.moe_layers():
+        per_expert = (moe.gate_up_proj.numel() + moe.down_proj.numel()) // moe.cfg.n_routed_experts
+        total += (moe.cfg.n_routed_experts - moe.cfg.top_k) * per_expert * 9 // 16  # int4 + fp16 scale per 32
+    return total
+
+
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_bench(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int, threads: int,
+              out: Path) -> dict:
+    torch.set_num_threads(threads)
+    bandwidth = copy_bandwidth()
+    results = [bench_model(p, prompt_lens, contexts, decode_steps) for p in presets]
+    report = {"threads": threads, "copy_bandwidth_bytes_s": bandwidth, "models": [asdict(r) for r in results]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    print_table(results, bandwidth)
+    plot(results, out / "bench.png")
+    console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return report
+
+
+def print_table(results: list[ModelBench], bandwidth: float) -> None:
+    from rich.table import Table
+
+    base = results[-1]
+    table = Table(title=f"INT4 on this CPU ({torch.get_num_threads()} threads; copy bandwidth "
+                        f"{bandwidth / 1e9:.1f} GB/s); ratios vs {base.preset}")
+    for col in ("preset", "active/total", "INT4 weights", "peak RSS so far", "metric", "value", "vs " + base.preset,
+                "bandwidth use"):
+        table.add_column(col)
+    for r in results:
+        rows = [(f"prefill {n} tok/s (TTFT {r.ttft_s[n]:.2f}s)", v, base.prefill_tok_s[n], "")
+                for n, v in r.prefill_tok_s.items()]
+        rows += [(f"decode @{c} tok/s", v, base.decode_tok_s[c], f"{r.active_int4_bytes * v / bandwidth:.0%}")
+                 for c, v in r.decode_tok_s.items()]
+        for i, (metric, value, ref, bw) in enumerate(rows):
+            head = (r.preset, f"{human_count(r.active_params)}/{human_count(r.total_params)}",
+                    human_bytes(r.int4_bytes), human_bytes(r.rss_after_load)) if i == 0 else ("",) * 4
+            table.add_row(*head, metric, f"{value:,.1f}", f"{value / ref:.2f}x", bw)
+    console.print(table)
+
+
+def plot(results: list[ModelBench], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        for ax, values in zip(axes, (r.prefill_tok_s, r.decode_tok_s), strict=True):
+            xs = [j + i * width for j in range(len(values))]
+            ax.bar(xs, list(values.values()), width, label=r.preset)
+            ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(values))],
+                          [str(k) for k in values])
+    axes[0].set(title="prefill", xlabel="prompt tokens", ylabel="tokens/s")
+    axes[1].set(title="decode", xlabel="context tokens", ylabel="tokens/s")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

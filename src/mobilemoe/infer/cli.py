@@ -1,0 +1,80 @@
+"""Verbs of the inference room: generate, chat, bench."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer, cache dtype) from a checkpoint directory, float or INT4."""
+    import torch
+
+    from mobilemoe.checkpoint import load_model
+    from mobilemoe.errors import MobileMoEError
+    from mobilemoe.infer.engine import COMPUTE_DTYPE, load_int4_model
+
+    if args.int4:
+        model, tokenizer = load_int4_model(args.checkpoint)
+        dtype = COMPUTE_DTYPE
+    else:
+        loaded = load_model(args.checkpoint)
+        model, tokenizer, dtype = loaded.model, loaded.tokenizer, torch.float32
+    if tokenizer is None:
+        raise MobileMoEError(f"{args.checkpoint} has no tokenizer.json; copy the tokenizer of the data it was "
+                             "trained on into the directory")
+    return model, tokenizer, dtype
+
+
+def _generate(args: argparse.Namespace, chat: bool = False) -> None:
+    from mobilemoe.infer.generate import Sampling, generate_text
+    from mobilemoe.ui import console
+
+    model, tokenizer, dtype = _load(args)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    prompts = [args.prompt] if args.prompt else None
+    while True:
+        prompt = prompts.pop(0) if prompts else (console.input("[bold]you> [/]") if chat else None)
+        if prompt is None:
+            return
+        if chat:
+            console.print("[bold]model> [/]", end="")
+        generate_text(model, tokenizer, prompt, args.max_new_tokens, sampling,
+                      on_token=lambda piece: console.print(piece, end="", markup=False, highlight=False),
+                      cache_dtype=dtype, chat=chat)
+        console.print()
+        if not chat or prompts == []:
+            return
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from mobilemoe.infer.bench import run_bench
+
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    run_bench([args.preset, *args.vs], ints(args.prompt_lens), ints(args.contexts), args.decode_steps,
+              args.threads, Path(args.out))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for verb, helptext in (("generate", "continue a prompt (streaming), float or INT4 checkpoint"),
+                           ("chat", "chat with an SFT/QAT checkpoint using the chat template")):
+        p = sub.add_parser(verb, help=helptext)
+        p.add_argument("checkpoint", help="checkpoint directory (e.g. runs/quickstart/tiny-moe/qat/final)")
+        p.add_argument("--prompt", required=verb == "generate", help="the prompt (chat: first message)")
+        p.add_argument("--int4", action="store_true", help="run INT4 weights through the engine's int4 kernels")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(handler=lambda a, chat=(verb == "chat"): _generate(a, chat))
+
+    p = sub.add_parser("bench", help="INT4 prefill/decode speed and memory of presets, side by side")
+    p.add_argument("--preset", default="mobilemoe-s")
+    p.add_argument("--vs", nargs="*", default=["mobilellm-pro"], help="presets to compare against (last = base)")
+    p.add_argument("--prompt-lens", default="256,1024", help="comma-separated prompt lengths for prefill")
+    p.add_argument("--contexts", default="256,1024", help="comma-separated contexts for decode")
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="bench_results")
+    p.set_defaults(handler=_bench)

@@ -1,0 +1,81 @@
+"""Prefill + decode with a static KV cache; greedy, temperature, top-k and top-p sampling; stop tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mobilemoe.errors import MobileMoEError
+from mobilemoe.model import Transformer
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+
+
+def sample(logits: Tensor, s: Sampling, generator: torch.Generator) -> int:
+    """Next token from the last position's logits [V]."""
+    if s.temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) > s.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sampling: Sampling | None = None,
+                    stop_ids: set[int] | frozenset = frozenset(), max_context: int | None = None,
+                    cache_dtype: torch.dtype = torch.float32) -> Iterator[int]:
+    """Yield generated token ids one by one (streaming); stops at a stop token or `max_new_tokens`."""
+    sampling = sampling or Sampling()
+    max_context = max_context or model.cfg.max_seq_len
+    if not prompt:
+        raise MobileMoEError("the prompt is empty")
+    if len(prompt) >= max_context:
+        raise MobileMoEError(f"the prompt has {len(prompt)} tokens but the context holds {max_context}; "
+                             "shorten the prompt or raise --max-context (up to the model's max_seq_len "
+                             f"{model.cfg.max_seq_len})")
+    total = min(max_context, len(prompt) + max_new_tokens)
+    model.setup_cache(1, total, cache_dtype)
+    generator = torch.Generator().manual_seed(sampling.seed)
+    logits = model(torch.tensor([prompt]), input_pos=torch.arange(len(prompt))).logits[0, -1]
+    for pos in range(len(prompt), total):
+        token = sample(logits, sampling, generator)
+        yield token
+        if token in stop_ids or pos + 1 >= total:
+            return
+        logits = model(torch.tensor([[token]]), input_pos=torch.tensor([pos])).logits[0, -1]
+
+
+def generate_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 64,
+                  sampling: Sampling | None = None, on_token: Callable[[str], None] | None = None,
+                  cache_dtype: torch.dtype = torch.float32, chat: bool = False) -> str:
+    """Generate a continuation (or, with `chat`, an assistant reply) as text, streaming pieces to `on_token`."""
+    ids = (tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0] if chat
+           else tokenizer.encode(prompt))
+    out: list[int] = []
+    shown = ""
+    for token in generate_tokens(model, ids, max_new_tokens, sampling, tokenizer.stop_ids(),
+                                 cache_dtype=cache_dtype):
+        if token in tokenizer.stop_ids():
+            break
+        out.append(token)
+        text = tokenizer.decode(out)
+        if on_token is not None:
+            on_token(text[len(shown):])
+        shown = text
+    return shown
