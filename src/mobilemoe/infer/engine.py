@@ -84,6 +84,12 @@ class Int4MoE(nn.Module):
         c = self.cfg
         r = route_tokens(x, self.router_weight, self.expert_bias, c.top_k, c.router, c.norm_topk_prob,
                          c.routed_scaling_factor, 0.0, 0.0)
+        if x.shape[0] == 1:  # decode: just the k chosen experts, no sort or scatter
+            y = sum(w * self._expert(int(e), x) for e, w in zip(r.experts[0].tolist(),
+                                                                r.weights[0].to(COMPUTE_DTYPE), strict=True))
+            if self.shared_expert is not None:
+                y = y + self.shared_expert(x)
+            return y.view(shape), torch.zeros(()), r.load
         flat = r.experts.flatten()
         order = torch.argsort(flat, stable=True)
         token_of_slot = order // c.top_k
@@ -92,20 +98,17 @@ class Int4MoE(nn.Module):
         start = 0
         for expert, count in zip(*torch.unique_consecutive(flat[order], return_counts=True), strict=True):
             end = start + int(count)
-            block = x[token_of_slot[start:end]]
-            gate, up = int4_matmul(block, *self.gate_up[int(expert)]).chunk(2, dim=-1)
-            out[start:end] = int4_matmul(F.silu(gate) * up, *self.down[int(expert)])
+            out[start:end] = self._expert(int(expert), x[token_of_slot[start:end]])
             start = end
         y = torch.zeros_like(x).index_add_(0, token_of_slot, out * slot_weights)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
         return y.view(shape), torch.zeros(()), r.load
 
-
-def int4_tensors_from_model(model: Transformer) -> dict[str, Tensor]:
-    from mobilemoe.checkpoint import model_tensors
-
-    return model_tensors(model, int4=True)
+    def _expert(self, expert: int, x: Tensor) -> Tensor:
+        """SwiGLU expert on a block of tokens: one fused gate+up int4 matmul, one down int4 matmul."""
+        gate, up = int4_matmul(x, *self.gate_up[expert]).chunk(2, dim=-1)
+        return int4_matmul(F.silu(gate) * up, *self.down[expert])
 
 
 def build_int4_model(cfg: ModelConfig, tensors: dict[str, Tensor]) -> Transformer:
