@@ -4,7 +4,7 @@ For each preset (random INT4 weights, made directly in the INT4 format): prefill
 token at each prompt length, decode tok/s at each context, INT4 weight bytes, resident memory after
 loading, and decode bandwidth use (active weight bytes per token x tok/s over this machine's measured
 copy bandwidth). Prompts are real text (the embedded Moby Dick, as UTF-8 byte ids), so the routing sees
-real token sequences. Models are measured in turn, each warm, timings interleaved by prompt length.
+real token sequences. All models stay loaded and take turns in every measurement (median of 3 rounds).
 """
 
 from __future__ import annotations
@@ -61,28 +61,49 @@ def real_text_ids(n: int, vocab: int) -> list[int]:
 
 
 @torch.inference_mode()
-def bench_model(preset: str, prompt_lens: list[int], contexts: list[int], decode_steps: int) -> ModelBench:
-    cfg = get_preset(preset)
-    meta = build_on_meta(cfg)
-    count = count_parameters(meta)
-    active_bytes = weight_bytes(meta) - _inactive_expert_bytes(meta)
-    model = build_int4_model(cfg, random_int4_tensors(cfg))
-    result = ModelBench(preset, count.active, count.total, weight_bytes(meta), active_bytes, _rss())
-    ids = real_text_ids(max(prompt_lens + contexts) + decode_steps + 1, cfg.vocab_size)
-    _prefill(model, ids[:32])  # warm-up
+def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int,
+                 rounds: int = 3) -> list[ModelBench]:
+    """Every measurement alternates between the models round by round (median of `rounds`), so load on
+    a shared machine hits them alike."""
+    models, results = [], []
+    for preset in presets:
+        cfg = get_preset(preset)
+        meta = build_on_meta(cfg)
+        count = count_parameters(meta)
+        models.append(build_int4_model(cfg, random_int4_tensors(cfg)))
+        results.append(ModelBench(preset, count.active, count.total, weight_bytes(meta),
+                                  weight_bytes(meta) - _inactive_expert_bytes(meta), _rss()))
+    longest = max(prompt_lens + contexts) + rounds * decode_steps + 2
+    ids = {id(m): real_text_ids(longest, m.cfg.vocab_size) for m in models}
+    for model in models:
+        _prefill(model, ids[id(model)][:32])  # warm-up
     for n in prompt_lens:
-        seconds = _timed(lambda n=n: _prefill(model, ids[:n]))
-        result.prefill_tok_s[n], result.ttft_s[n] = n / seconds, seconds
-
-    def decode(pos: int) -> None:
-        model(torch.tensor([[ids[pos]]]), input_pos=torch.tensor([pos]))
-
+        times = _interleaved(models, lambda m, n=n: _prefill(m, ids[id(m)][:n]), rounds)
+        for r, seconds in zip(results, times, strict=True):
+            r.prefill_tok_s[n], r.ttft_s[n] = n / seconds, seconds
     for ctx in contexts:
-        _prefill(model, ids[:ctx], extra=decode_steps + 1)
-        decode(ctx)  # warm
-        seconds = _timed(lambda ctx=ctx: [decode(ctx + 1 + i) for i in range(decode_steps)])
-        result.decode_tok_s[ctx] = decode_steps / seconds
-    return result
+        for model in models:
+            _prefill(model, ids[id(model)][:ctx], extra=rounds * decode_steps + 2)
+        position = {id(m): ctx for m in models}
+
+        def decode_block(model: Transformer, position: dict[int, int] = position) -> None:
+            for _ in range(decode_steps):
+                pos = position[id(model)]
+                model(torch.tensor([[ids[id(model)][pos]]]), input_pos=torch.tensor([pos]))
+                position[id(model)] = pos + 1
+
+        for r, seconds in zip(results, _interleaved(models, decode_block, rounds), strict=True):
+            r.decode_tok_s[ctx] = decode_steps / seconds
+    return results
+
+
+def _interleaved(models: list[Transformer], work, rounds: int) -> list[float]:
+    """Median seconds of `work(model)` per model, the models taking turns in each round."""
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for i, model in enumerate(models):
+            times[i].append(_timed(lambda model=model: work(model)))
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def _prefill(model: Transformer, ids: list[int], extra: int = 1) -> None:
@@ -106,7 +127,7 @@ def run_bench(presets: list[str], prompt_lens: list[int], contexts: list[int], d
               out: Path) -> dict:
     torch.set_num_threads(threads)
     bandwidth = copy_bandwidth()
-    results = [bench_model(p, prompt_lens, contexts, decode_steps) for p in presets]
+    results = bench_models(presets, prompt_lens, contexts, decode_steps)
     report = {"threads": threads, "copy_bandwidth_bytes_s": bandwidth, "models": [asdict(r) for r in results]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
