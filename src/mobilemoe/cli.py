@@ -55,9 +55,11 @@ def _room_registrars() -> list:
     from mobilemoe.eval import cli as eval_cli
     from mobilemoe.export import cli as export_cli
     from mobilemoe.infer import cli as infer_cli
+    from mobilemoe.scaling import cli as scaling_cli
     from mobilemoe.train import cli as train_cli
 
-    return [data_cli.register, train_cli.register, export_cli.register, infer_cli.register, eval_cli.register]
+    return [scaling_cli.register, data_cli.register, train_cli.register, export_cli.register, infer_cli.register,
+            eval_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,100 @@
+"""`mobilemoe scaling sweep`: a grid of architectures trained through the normal trainer, resumably.
+
+A spec (YAML):
+
+    name: cpu_sweep
+    recipe: ../quickstart.yaml      # its data and first stage are the template; `stage` overrides fields
+    stage: {steps: 200, seq_len: 128, batch_size: 8, eval_every: 100, checkpoint_every: 100}
+    base: {n_layers: 4, vocab_size: 4096, max_seq_len: 512, rope_theta: 10000.0, rope_scaling: null}
+    grid:                           # each entry is expanded as a product; experts 1 = dense
+      - {d_model: [64, 96, 128], experts: [1]}
+      - {d_model: [64, 96, 128], experts: [8], granularity: [1, 4], shared: [false]}
+
+Each point is a run directory under `<out>/runs/<name>`; a finished one (summary.json) is never redone,
+an interrupted one resumes from its checkpoints. `results.csv` is rebuilt from every finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from mobilemoe.config import atomic_write_text, granular_moe, read_mapping
+from mobilemoe.errors import ConfigError
+from mobilemoe.ui import console
+
+COLUMNS = ["run", "d_model", "n_layers", "experts", "top_k", "granularity", "shared", "params", "total_params",
+           "tokens", "flops", "loss", "best_loss", "wall_time_s"]
+
+
+def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    points = []
+    for entry in spec["grid"]:
+        keys = list(entry)
+        for values in itertools.product(*(v if isinstance(v, list) else [v] for v in entry.values())):
+            defaults = {"experts": 1, "top_k": 1, "granularity": 1, "shared": False}
+            points.append({**defaults, **dict(zip(keys, values, strict=True))})
+    return points
+
+
+def run_name(p: dict[str, Any]) -> str:
+    if p["experts"] == 1:
+        return f"dense-d{p['d_model']}"
+    return f"moe-d{p['d_model']}-E{p['experts']}-k{p['top_k']}-g{p['granularity']}{'-shared' if p['shared'] else ''}"
+
+
+def model_spec(p: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    d = p["d_model"]
+    heads = max(2, d // 32)
+    shape = (granular_moe(d, p["experts"], p["granularity"], p["top_k"],
+                          shared_slots=p["top_k"] * p["granularity"] // 2 if p["shared"] else 0)
+             if p["experts"] > 1 else {"ffn_size": 4 * d, "n_routed_experts": 0})
+    return {**base, "name": run_name(p), "d_model": d, "n_heads": heads, "n_kv_heads": heads // 2,
+            "head_dim": d // heads, **shape}
+
+
+def run_sweep(spec_path: str | Path, out: str | Path | None = None) -> Path:
+    from mobilemoe.train.recipe import load_recipe
+    from mobilemoe.train.trainer import run_recipe
+
+    spec_path = Path(spec_path)
+    spec = read_mapping(spec_path)
+    for key in ("name", "recipe", "grid"):
+        if key not in spec:
+            raise ConfigError(f"{spec_path}: missing key '{key}'")
+    template = load_recipe(spec_path.parent / spec["recipe"])
+    stage = dataclasses.replace(template.stages[0], **spec.get("stage", {}))
+    out = Path(out or spec.get("out", f"results/scaling/{spec['name']}"))
+    points = expand(spec)
+    n_layers = spec.get("base", {}).get("n_layers", template.model_config().n_layers)
+    for i, p in enumerate(points):
+        run_dir = out / "runs" / run_name(p)
+        if (run_dir / "summary.json").exists():
+            continue
+        console.rule(f"[bold]{i + 1}/{len(points)} {run_name(p)}")
+        recipe = dataclasses.replace(template, name=run_name(p), model=model_spec(p, spec.get("base", {})),
+                                     stages=[stage])
+        run_recipe(recipe, run_dir, resume=(run_dir / "recipe.yaml").exists())
+        write_results(points, out, n_layers)
+    return write_results(points, out, n_layers)
+
+
+def write_results(points: list[dict[str, Any]], out: Path, n_layers: int) -> Path:
+    rows = []
+    for p in points:
+        summary = out / "runs" / run_name(p) / "summary.json"
+        if not summary.exists():
+            continue
+        s = json.loads(summary.read_text())
+        rows.append({"run": run_name(p), "d_model": p["d_model"], "n_layers": n_layers, "experts": p["experts"],
+                     "top_k": p["top_k"], "granularity": p["granularity"], "shared": int(p["shared"]),
+                     "params": s["params_active"], "total_params": s["params_total"], "tokens": s["tokens"],
+                     "flops": s["flops_per_token"] * s["tokens"], "loss": s["final_val_loss"],
+                     "best_loss": s["best_val_loss"], "wall_time_s": round(s["wall_time_s"], 1)})
+    path = out / "results.csv"
+    lines = [",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
