@@ -64,11 +64,8 @@ def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
 def benchmark_scores(checkpoint: Path) -> dict[str, Any]:
     """Zero-shot benchmark scores when the benchmark data is in the cache; a note saying how to get it if not."""
     from mobilemoe.errors import MobileMoEError
+    from mobilemoe.eval import evaluate
 
-    try:
-        from mobilemoe.eval import evaluate
-    except ImportError:
-        return {"note": "the evaluation room (mobilemoe.eval) is not installed"}
     try:
         return evaluate(str(checkpoint), tasks=None, limit=200)
     except MobileMoEError as err:
