@@ -1,6 +1,7 @@
 """Data pipeline: shards, packing, loss masks, mixtures, determinism and resume, loaders, errors."""
 
 import json
+from xml.sax.saxutils import escape
 
 import numpy as np
 import pyarrow as pa
@@ -258,3 +259,84 @@ def test_prepared_data_and_recipe_errors(tmp_path):
                                                      "sources": {"x": {"kind": "pretraining", "from": ["a"]}}}))
     with pytest.raises(MobileMoEError, match="source 'x' needs kind"):
         prepare(tmp_path / "r.yaml", quiet=True)
+
+
+# --- batched chat encoding, registry extractors ----------------------------------------------------------
+def test_encode_chat_batch_equals_one_encode_per_piece():
+    from mobilemoe.data.tokenizer import train_bpe
+
+    tok = train_bpe(["hello there, how are you? fine thanks. héllo wörld\n"] * 20, vocab_size=300)
+    conversations = [[{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "fine thanks"}],
+                     [{"role": "system", "content": ""}, {"role": "user", "content": "héllo\u2028 <|im_end|>"},
+                      {"role": "assistant", "content": ""}, {"role": "assistant", "content": "wörld\n\n"}],
+                     [{"role": "user", "content": "how are you?"}]]
+
+    def reference(messages, add_generation_prompt):  # the unbatched definition of the chat template
+        ids, mask = [], []
+        for m in messages:
+            head = [tok.im_start_id, *tok.encode(m["role"] + "\n")]
+            body = [*tok.encode(m["content"]), tok.im_end_id]
+            ids += head + body + tok.encode("\n")
+            mask += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False] * len(tok.encode("\n"))
+        if add_generation_prompt:
+            head = [tok.im_start_id, *tok.encode("assistant\n")]
+            ids, mask = ids + head, mask + [False] * len(head)
+        return ids, mask
+
+    for gen in (False, True):
+        expected = [reference(c, gen) for c in conversations]
+        assert tok.encode_chat_batch(conversations, gen) == expected
+        assert [tok.encode_chat(c, gen) for c in conversations] == expected
+    assert tok.encode_chat_batch([]) == []
+
+
+def test_wikipedia_extractor_strips_markup(tmp_path):
+    import bz2
+
+    from mobilemoe.data.registry import wikipedia
+
+    article = ("{{Infobox country|name=Atlantis|capital=[[Poseidonia]]}}\n'''Atlantis''' is a fictional island "
+               "in [[Plato]]'s dialogues<ref name=p>{{cite book|title=Timaeus}}</ref> ([[Ancient Greek|Greek]]: "
+               "{{lang|grc|Ἀτλαντὶς}}).<!-- hidden -->\n\n== History ==\n* It sank in a [[flood]] "
+               "[http://example.org one day].\n{| class=wikitable\n|-\n| a || b\n|}\n"
+               "[[File:Atlantis.png|thumb|A map of [[Atlantis]]]]\nThe story is told &amp; retold. " + "x " * 120 +
+               "\n\n== References ==\n{{reflist}}\n[[Category:Myths]]")
+    ns = "http://www.mediawiki.org/xml/export-0.10/"
+    pages = [("Atlantis", 0, article), ("Atlantis (island)", 0, "#REDIRECT [[Atlantis]]"),
+             ("Wikipedia:About", 4, "About " * 100)]
+    xml = f'<mediawiki xmlns="{ns}">' + "".join(
+        f"<page><title>{t}</title><ns>{n}</ns><revision><text>{escape(body)}</text></revision></page>"
+        for t, n, body in pages) + "</mediawiki>"
+    (tmp_path / "enwiki-latest-pages-articles1.xml-shortened.bz2").write_bytes(bz2.compress(xml.encode()))
+    docs = list(wikipedia(tmp_path))
+    assert len(docs) == 1
+    text = docs[0]
+    assert text.startswith("Atlantis\n\nAtlantis is a fictional island in Plato's dialogues (Greek: ).\n\nHistory\n"
+                           "It sank in a flood one day.\n\nThe story is told & retold.")
+    for junk in ("{{", "}}", "[[", "]]", "<ref", "hidden", "Infobox", "wikitable", "Category", "File:", "reflist"):
+        assert junk not in text
+
+
+def test_jane_austen_extractor_reads_an_r_lazy_load_database(tmp_path):
+    import struct
+    import zlib
+
+    import rdata
+
+    from mobilemoe.data.registry import jane_austen
+
+    data = tmp_path / "usr/lib/R/site-library/janeaustenr/data"
+    data.mkdir(parents=True)
+    books = {"emma": ["EMMA", "", "By Jane Austen", "", "It was a truth", "wrapped here.", "", "Next."],
+             "persuasion": ["Persuasion", "", "Sir Walter"]}
+    database, index = b"", {}
+    for name, lines in books.items():  # each record: 4-byte length + zlib(serialized character vector)
+        rdata.write_rds(tmp_path / "x.rds", np.array(lines), compression=None)
+        raw = (tmp_path / "x.rds").read_bytes()
+        record = struct.pack(">I", len(raw)) + zlib.compress(raw)
+        index[name] = np.array([len(database), len(record)], dtype=np.int32)
+        database += record
+    (data / "Rdata.rdb").write_bytes(database)
+    rdata.write_rds(data / "Rdata.rdx", {"variables": index, "references": {}, "compressed": np.array([True])})
+    assert list(jane_austen(tmp_path)) == ["EMMA\n\nBy Jane Austen\n\nIt was a truth wrapped here.\n\nNext.",
+                                           "Persuasion\n\nSir Walter"]

@@ -304,7 +304,7 @@ def encode_documents(tok: Tokenizer, docs: list[D.Document], chunk: int = 512
         if isinstance(batch[0], str):
             yield from ((ids, None) for ids in tok.encode_batch(batch))
         else:
-            yield from (tok.encode_chat(doc) for doc in batch)
+            yield from tok.encode_chat_batch(batch)
 
 
 def prepare(recipe_path: str | Path, out: str | Path | None = None, quiet: bool = False) -> PreparedData:

