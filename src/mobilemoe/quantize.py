@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from mobilemoe.errors import MobileMoEError
 
 GROUP_SIZE = 32
+INT4_BYTES_PER_PARAM = 0.5 + 2 / GROUP_SIZE  # 4-bit values + one fp16 scale per group
 
 
 def is_quantized_weight(name: str, param: nn.Parameter) -> bool:

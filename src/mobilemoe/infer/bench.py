@@ -20,7 +20,7 @@ import torch
 from mobilemoe.config import get_preset
 from mobilemoe.infer.engine import COMPUTE_DTYPE, build_int4_model, random_int4_tensors
 from mobilemoe.model import Transformer, build_on_meta, count_parameters
-from mobilemoe.quantize import weight_bytes
+from mobilemoe.quantize import INT4_BYTES_PER_PARAM, weight_bytes
 from mobilemoe.ui import console, human_bytes, human_count
 
 
@@ -31,7 +31,7 @@ class ModelBench:
     total_params: int
     int4_bytes: int
     active_int4_bytes: int  # weight bytes read per decoded token
-    rss_after_load: int
+    peak_rss: int  # process peak after this model was loaded (models load in order)
     prefill_tok_s: dict[int, float] = field(default_factory=dict)
     ttft_s: dict[int, float] = field(default_factory=dict)
     decode_tok_s: dict[int, float] = field(default_factory=dict)
@@ -115,7 +115,7 @@ def _inactive_expert_bytes(model: Transformer) -> int:
     total = 0
     for moe in model.moe_layers():
         per_expert = (moe.gate_up_proj.numel() + moe.down_proj.numel()) // moe.cfg.n_routed_experts
-        total += (moe.cfg.n_routed_experts - moe.cfg.top_k) * per_expert * 9 // 16  # int4 + fp16 scale per 32
+        total += int((moe.cfg.n_routed_experts - moe.cfg.top_k) * per_expert * INT4_BYTES_PER_PARAM)
     return total
 
 
@@ -153,7 +153,7 @@ def print_table(results: list[ModelBench], bandwidth: float) -> None:
                  for c, v in r.decode_tok_s.items()]
         for i, (metric, value, ref, bw) in enumerate(rows):
             head = (r.preset, f"{human_count(r.active_params)}/{human_count(r.total_params)}",
-                    human_bytes(r.int4_bytes), human_bytes(r.rss_after_load)) if i == 0 else ("",) * 4
+                    human_bytes(r.int4_bytes), human_bytes(r.peak_rss)) if i == 0 else ("",) * 4
             table.add_row(*head, metric, f"{value:,.1f}", f"{value / ref:.2f}x", bw)
     console.print(table)
 

@@ -18,11 +18,11 @@ import yaml
 
 from mobilemoe.config import ModelConfig, granular_moe
 from mobilemoe.errors import ConfigError, MobileMoEError
+from mobilemoe.quantize import INT4_BYTES_PER_PARAM
 from mobilemoe.scaling.laws import Law
 
 PROFILES = Path(__file__).parent / "profiles"
 VOCAB = 128_256
-INT4_BYTES_PER_PARAM = 0.5 + 2 / 32  # 4-bit values + one fp16 scale per group of 32
 
 
 @dataclass

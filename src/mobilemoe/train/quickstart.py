@@ -53,7 +53,8 @@ def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
                        "sft_val": loss(run_dir / s.name / "final", sft)} for s in recipe.stages}
     sft_final = run_dir / sft.name / "final"
     ptq_dir = run_dir / "ptq-int4"
-    save_model(ptq_dir, load_model(sft_final).model, load_model(sft_final).tokenizer, int4=True)
+    sft_weights = load_model(sft_final)
+    save_model(ptq_dir, sft_weights.model, sft_weights.tokenizer, int4=True)
     quant = {"float (SFT)": loss(sft_final, sft), "PTQ INT4 (SFT weights)": loss(ptq_dir, sft),
              "QAT INT4": loss(run_dir / qat.name / "final", sft)}
     result = {"stages": stages, "quantization": quant, "benchmarks": benchmark_scores(run_dir / qat.name / "final")}
@@ -75,7 +76,7 @@ def benchmark_scores(checkpoint: Path) -> dict[str, Any]:
 
 
 def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results: dict[str, dict]) -> Path:
-    from mobilemoe.train.plots import plot_run, read_metrics
+    from mobilemoe.train.plots import plot_run
 
     lines = [f"# MobileMoE quickstart report ({recipe.name})", "",
              "A tiny MobileMoE and its dense twin (same active parameters) trained through pre-training, "
@@ -113,7 +114,7 @@ def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results:
     for model in summaries:
         for path in plot_run(out / model, out / "plots" / model, label=model):
             lines.append(f"![{model} {path.stem}](plots/{model}/{path.name})")
-    lines.append(f"![pre-training loss, MoE vs dense]({_compare_plot(out, read_metrics).name})")
+    lines.append(f"![pre-training loss, MoE vs dense]({_compare_plot(out).name})")
     report = out / "report.md"
     tmp = report.with_name(".report.md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -121,8 +122,10 @@ def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results:
     return report
 
 
-def _compare_plot(out: Path, read_metrics) -> Path:
+def _compare_plot(out: Path) -> Path:
     import matplotlib
+
+    from mobilemoe.train.plots import read_metrics
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
