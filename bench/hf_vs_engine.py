@@ -1,5 +1,6 @@
 """Decode speed of the same MoE model in transformers' stock implementation (Dots1ForCausalLM, from our HF
-export mapping) and in our engine (float and INT4), side by side in one run, batch 1, greedy.
+export mapping) and in our engine (float, INT4, INT4 with the compiled decode step), side by side in one
+run, batch 1, greedy.
 
     .venv/bin/python bench/hf_vs_engine.py [--layers 4] [--context 128] [--steps 16] [--threads 2]
 
@@ -18,7 +19,7 @@ import torch
 from mobilemoe.checkpoint import LoadedModel, model_tensors
 from mobilemoe.config import resolve_model_config
 from mobilemoe.export.hf import to_hf
-from mobilemoe.infer.engine import build_int4_model
+from mobilemoe.infer.engine import build_int4_model, compile_decode
 from mobilemoe.model import Transformer
 from mobilemoe.ui import console
 
@@ -47,7 +48,7 @@ def main() -> None:
     ours = Transformer(cfg).eval()
     engine = build_int4_model(cfg, model_tensors(ours, int4=True))
     hf_model, _ = to_hf(LoadedModel(ours, None, False, None))
-    total = args.context + 3 * args.steps + 1
+    total = args.context + 3 * args.steps + 2
     prompt = torch.randint(0, cfg.vocab_size, (1, args.context))
 
     with torch.inference_mode():
@@ -65,6 +66,13 @@ def main() -> None:
             model(prompt, input_pos=torch.arange(args.context))
         results[name] = decode_tok_s(lambda pos, m=model: m(torch.tensor([[7]]), input_pos=torch.tensor([pos])),
                                      args.context, args.steps)
+    compiled = compile_decode(engine)
+    engine.setup_cache(1, total, torch.bfloat16)
+    with torch.inference_mode():
+        engine(prompt, input_pos=torch.arange(args.context))
+        compiled(torch.tensor([[7]]), input_pos=torch.tensor([args.context]))  # compiles, untimed
+    results["ours, INT4 engine, compiled decode"] = decode_tok_s(
+        lambda pos: compiled(torch.tensor([[7]]), input_pos=torch.tensor([pos + 1])), args.context, args.steps)
     results["transformers Dots1 (stock MoE), float32"] = decode_tok_s(hf_step, args.context, args.steps)
     base = results["transformers Dots1 (stock MoE), float32"]
     console.print(f"MobileMoE-S shape, {args.layers} layers, context {args.context}, {args.threads} threads, "

@@ -93,3 +93,13 @@ def test_engine_refuses_float_and_mismatched_checkpoints(tmp_path):
     tensors.pop("layers.0.attn.q_proj.weight.qweight")
     with pytest.raises(MobileMoEError, match="INT4 weights for 'layers.0.attn.q_proj.weight' are missing"):
         build_int4_model(get_preset("micro-moe"), tensors)
+
+
+@pytest.mark.slow  # torch.compile of the decode step: ~15-40 s on two shared cores
+@pytest.mark.parametrize("preset", ["micro-moe", "micro-dense"])
+def test_compiled_decode_generates_the_eager_tokens(preset):
+    engine, _, _ = _models(preset)
+    prompt = torch.randint(0, 4096, (12,)).tolist()
+    eager = list(generate_tokens(engine, prompt, 16, cache_dtype=torch.bfloat16))
+    compiled = list(generate_tokens(engine, prompt, 16, cache_dtype=torch.bfloat16, compile=True))
+    assert compiled == eager

@@ -49,7 +49,9 @@ def route_tokens(x: Tensor, router_weight: Tensor, expert_bias: Tensor, top_k: i
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
     weights = weights * scaling
 
-    load = torch.bincount(experts.flatten(), minlength=n_experts).float()
+    # scatter_add rather than bincount: a static output shape, so torch.compile traces routing in one graph.
+    flat = experts.flatten()
+    load = logits.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat, dtype=logits.dtype))
     aux_loss = logits.new_zeros(())
     if aux_loss_coef > 0:
         # Switch Transformer: E * sum_e (fraction of assignments to e) * (mean router probability of e).

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mobilemoe.config import get_preset
-from mobilemoe.infer.engine import COMPUTE_DTYPE, build_int4_model, random_int4_tensors
+from mobilemoe.infer.engine import COMPUTE_DTYPE, build_int4_model, compile_decode, random_int4_tensors
 from mobilemoe.model import Transformer, build_on_meta, count_parameters
 from mobilemoe.quantize import INT4_BYTES_PER_PARAM, weight_bytes
 from mobilemoe.ui import console, human_bytes, human_count
@@ -62,9 +62,10 @@ def real_text_ids(n: int, vocab: int) -> list[int]:
 
 @torch.inference_mode()
 def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int,
-                 rounds: int = 3) -> list[ModelBench]:
+                 rounds: int = 3, compile: bool = True) -> list[ModelBench]:
     """Every measurement alternates between the models round by round (median of `rounds`), so load on
-    a shared machine hits them alike."""
+    a shared machine hits them alike. With `compile`, decode runs the torch.compile'd step (compiled once
+    per context length, before timing)."""
     models, results = [], []
     for preset in presets:
         cfg = get_preset(preset)
@@ -82,14 +83,17 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
         for r, seconds in zip(results, times, strict=True):
             r.prefill_tok_s[n], r.ttft_s[n] = n / seconds, seconds
     for ctx in contexts:
+        position, steps = {}, {}
         for model in models:
             _prefill(model, ids[id(model)][:ctx], extra=rounds * decode_steps + 2)
-        position = {id(m): ctx for m in models}
+            steps[id(model)] = compile_decode(model) if compile else model
+            steps[id(model)](torch.tensor([[ids[id(model)][ctx]]]), input_pos=torch.tensor([ctx]))  # compiles
+            position[id(model)] = ctx + 1
 
-        def decode_block(model: Transformer, position: dict[int, int] = position) -> None:
+        def decode_block(model: Transformer, position: dict[int, int] = position, steps: dict = steps) -> None:
             for _ in range(decode_steps):
                 pos = position[id(model)]
-                model(torch.tensor([[ids[id(model)][pos]]]), input_pos=torch.tensor([pos]))
+                steps[id(model)](torch.tensor([[ids[id(model)][pos]]]), input_pos=torch.tensor([pos]))
                 position[id(model)] = pos + 1
 
         for r, seconds in zip(results, _interleaved(models, decode_block, rounds), strict=True):
@@ -124,11 +128,12 @@ def _rss() -> int:
 
 
 def run_bench(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int, threads: int,
-              out: Path) -> dict:
+              out: Path, compile: bool = True) -> dict:
     torch.set_num_threads(threads)
     bandwidth = copy_bandwidth()
-    results = bench_models(presets, prompt_lens, contexts, decode_steps)
-    report = {"threads": threads, "copy_bandwidth_bytes_s": bandwidth, "models": [asdict(r) for r in results]}
+    results = bench_models(presets, prompt_lens, contexts, decode_steps, compile=compile)
+    report = {"threads": threads, "compiled_decode": compile, "copy_bandwidth_bytes_s": bandwidth,
+              "models": [asdict(r) for r in results]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     print_table(results, bandwidth)

@@ -41,7 +41,7 @@ def _generate(args: argparse.Namespace, chat: bool = False) -> None:
             console.print("[bold]model> [/]", end="")
         generate_text(model, tokenizer, prompt, args.max_new_tokens, sampling,
                       on_token=lambda piece: console.print(piece, end="", markup=False, highlight=False),
-                      cache_dtype=dtype, chat=chat)
+                      cache_dtype=dtype, chat=chat, compile=args.compile)
         console.print()
         if not chat or prompts == []:
             return
@@ -52,7 +52,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     run_bench([args.preset, *args.vs], ints(args.prompt_lens), ints(args.contexts), args.decode_steps,
-              args.threads, Path(args.out))
+              args.threads, Path(args.out), compile=args.compile)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--top-k", type=int, default=0)
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--compile", action="store_true",
+                       help="capture the decode step with torch.compile (faster decode after a one-off compile)")
         p.set_defaults(handler=lambda a, chat=(verb == "chat"): _generate(a, chat))
 
     p = sub.add_parser("bench", help="INT4 prefill/decode speed and memory of presets, side by side")
@@ -76,5 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--contexts", default="256,1024", help="comma-separated contexts for decode")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="time the eager decode step instead of the torch.compile'd one")
     p.add_argument("--out", default="bench_results")
     p.set_defaults(handler=_bench)

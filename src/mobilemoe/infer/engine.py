@@ -1,16 +1,22 @@
 """The CPU inference engine: the same `Transformer`, with INT4 modules swapped in, and a static KV cache.
 
 INT4 weights (group 32, fp16 scales — the QAT output format) run through aten's CPU int4 kernel
-(`_weight_int4pack_mm_for_cpu`, bf16 activations). The MoE layer is written by hand because no library
-in our stack has a fused fine-grained MoE for CPU: it routes in fp32, sorts the token->expert
-assignments by expert and runs each expert's contiguous block through one fused gate+up int4 matmul,
-SwiGLU, one down int4 matmul, and a weighted scatter-add. At decode (one token) this touches exactly
-the top-k experts' weights plus the shared expert, i.e. 2k+2 kernel calls per layer, so the bytes read
-per token are the *active* weights.
+(`_weight_int4pack_mm_for_cpu`, bf16 activations). Every call of that kernel costs tens of
+microseconds whatever the matrix size, so the engine makes as few as it can: q/k/v are one matmul,
+gate/up of every SwiGLU are one matmul, and the decode step can be captured whole by torch.compile
+(`compile_decode`), which fuses the norms, RoPE, routing and residuals around the int4 calls.
+
+The routed experts are a custom op (`mobilemoe::int4_experts`), written by hand because no library in
+our stack has a fused fine-grained MoE for CPU; as an opaque op it lets torch.compile capture the
+decode step in one graph. It takes the experts' weights stacked ([E, N, K/2]); at decode (one token) it
+runs exactly the top-k experts (2 kernel calls each), so the bytes read per token are the *active*
+weights; at prefill it sorts the token->expert assignments by expert and runs each expert's contiguous
+block through one gate+up and one down matmul, then a weighted scatter-add.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,7 +25,7 @@ from torch import Tensor, nn
 
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.model import MoE, Transformer, rope_frequencies
+from mobilemoe.model import Attention, FeedForward, ModelOutput, MoE, Transformer, rope_frequencies
 from mobilemoe.moe import route_tokens
 from mobilemoe.quantize import GROUP_SIZE, unpack_int4
 
@@ -37,13 +43,62 @@ def pack_for_cpu_kernel(packed: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]
     return weight, torch.stack((s, torch.zeros_like(s)), -1).to(COMPUTE_DTYPE)
 
 
+def pack_stacked_for_cpu_kernel(packed: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Stacked expert weights [E, N, K/2] / [E, N, K/32] -> stacked aten int4pack tensors, filled expert by
+    expert so loading never holds two copies of all experts."""
+    first_weight, first_sz = pack_for_cpu_kernel(packed[0], scales[0])
+    weight = first_weight.new_empty((packed.shape[0], *first_weight.shape))
+    sz = first_sz.new_empty((packed.shape[0], *first_sz.shape))
+    weight[0], sz[0] = first_weight, first_sz
+    for e in range(1, packed.shape[0]):
+        weight[e], sz[e] = pack_for_cpu_kernel(packed[e], scales[e])
+    return weight, sz
+
+
 def int4_matmul(x: Tensor, weight: Tensor, scales_zeros: Tensor) -> Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, GROUP_SIZE, scales_zeros)
 
 
+@torch.library.custom_op("mobilemoe::int4_experts", mutates_args=())
+def int4_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, gate_up_sz: Tensor,
+                 down: Tensor, down_sz: Tensor) -> Tensor:
+    """y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) on stacked int4pack expert weights.
+
+    x [T, D] bf16; experts [T, k] int64; weights [T, k] fp32; returns [T, D] bf16.
+    """
+    if x.shape[0] == 1:  # decode: just the k chosen experts, no sort or scatter
+        y = torch.zeros_like(x)
+        for e, w in zip(experts[0].tolist(), weights[0].tolist(), strict=True):
+            gate, up = int4_matmul(x, gate_up[e], gate_up_sz[e]).chunk(2, dim=-1)
+            y.add_(int4_matmul(F.silu(gate) * up, down[e], down_sz[e]), alpha=w)
+        return y
+    top_k = experts.shape[1]
+    flat = experts.flatten()
+    order = torch.argsort(flat, stable=True)
+    token_of_slot = order // top_k
+    out = x.new_empty(order.numel(), x.shape[-1])
+    start = 0
+    for e, count in zip(*torch.unique_consecutive(flat[order], return_counts=True), strict=True):
+        end = start + int(count)
+        gate, up = int4_matmul(x[token_of_slot[start:end]], gate_up[e], gate_up_sz[e]).chunk(2, dim=-1)
+        out[start:end] = int4_matmul(F.silu(gate) * up, down[e], down_sz[e])
+        start = end
+    out *= weights.flatten()[order].unsqueeze(-1).to(out.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of_slot, out)
+
+
+@int4_experts.register_fake
+def _(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, gate_up_sz: Tensor, down: Tensor,
+      down_sz: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 class Int4Linear(nn.Module):
-    def __init__(self, packed: Tensor, scales: Tensor):
+    """INT4 linear; several (packed, scales) pairs make one fused linear whose outputs are concatenated."""
+
+    def __init__(self, *pairs: tuple[Tensor, Tensor]):
         super().__init__()
+        packed, scales = torch.cat([p for p, _ in pairs]), torch.cat([s for _, s in pairs])
         self.out_features = packed.shape[0]
         self.weight, self.scales_zeros = pack_for_cpu_kernel(packed, scales)
 
@@ -58,24 +113,51 @@ class Int4Embedding(nn.Module):
 
     def __init__(self, packed: Tensor, scales: Tensor):
         super().__init__()
-        self.packed, self.scales = packed, scales
+        self.packed, self.scales = packed, scales.float()  # fp32 scales: no fp16/bf16 mix in compiled code
 
     def forward(self, tokens: Tensor) -> Tensor:
-        rows, scales = self.packed[tokens], self.scales[tokens].to(COMPUTE_DTYPE)
-        q = unpack_int4(rows).to(COMPUTE_DTYPE)
-        return (q.unflatten(-1, (scales.shape[-1], GROUP_SIZE)) * scales.unsqueeze(-1)).flatten(-2)
+        rows, scales = self.packed[tokens], self.scales[tokens]
+        q = unpack_int4(rows).float()
+        return (q.unflatten(-1, (scales.shape[-1], GROUP_SIZE)) * scales.unsqueeze(-1)).flatten(-2).to(COMPUTE_DTYPE)
+
+
+class Int4Attention(Attention):
+    """`Attention` with q, k and v as one INT4 matmul."""
+
+    def __init__(self, cfg: ModelConfig, qkv_proj: Int4Linear, o_proj: Int4Linear):
+        with torch.device("meta"):
+            super().__init__(cfg)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj, self.o_proj = qkv_proj, o_proj
+        self.qkv_sizes = [cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        return q, k, v
+
+
+class Int4FeedForward(nn.Module):
+    """SwiGLU with gate and up as one INT4 matmul."""
+
+    def __init__(self, gate_up_proj: Int4Linear, down_proj: Int4Linear):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Int4MoE(nn.Module):
-    """Fused INT4 MoE: route (fp32) -> sort by expert -> per expert block gate_up, SwiGLU, down -> scatter."""
+    """INT4 MoE layer: route (fp32), routed experts through `int4_experts`, plus the shared expert."""
 
     def __init__(self, cfg: ModelConfig, router: Tensor, expert_bias: Tensor, gate_up: tuple[Tensor, Tensor],
-                 down: tuple[Tensor, Tensor], shared: nn.Module | None):
+                 down: tuple[Tensor, Tensor], shared: Int4FeedForward | None):
         super().__init__()
         self.cfg = cfg
         self.router_weight, self.expert_bias = router.float(), expert_bias.float()
-        self.gate_up = [pack_for_cpu_kernel(p, s) for p, s in zip(*gate_up, strict=True)]
-        self.down = [pack_for_cpu_kernel(p, s) for p, s in zip(*down, strict=True)]
+        self.gate_up, self.gate_up_sz = pack_stacked_for_cpu_kernel(*gate_up)
+        self.down, self.down_sz = pack_stacked_for_cpu_kernel(*down)
         self.shared_expert = shared
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,31 +166,16 @@ class Int4MoE(nn.Module):
         c = self.cfg
         r = route_tokens(x, self.router_weight, self.expert_bias, c.top_k, c.router, c.norm_topk_prob,
                          c.routed_scaling_factor, 0.0, 0.0)
-        if x.shape[0] == 1:  # decode: just the k chosen experts, no sort or scatter
-            y = sum(w * self._expert(int(e), x) for e, w in zip(r.experts[0].tolist(),
-                                                                r.weights[0].to(COMPUTE_DTYPE), strict=True))
-            if self.shared_expert is not None:
-                y = y + self.shared_expert(x)
-            return y.view(shape), torch.zeros(()), r.load
-        flat = r.experts.flatten()
-        order = torch.argsort(flat, stable=True)
-        token_of_slot = order // c.top_k
-        slot_weights = r.weights.flatten()[order].unsqueeze(-1).to(COMPUTE_DTYPE)
-        out = torch.empty(order.numel(), shape[-1], dtype=COMPUTE_DTYPE)
-        start = 0
-        for expert, count in zip(*torch.unique_consecutive(flat[order], return_counts=True), strict=True):
-            end = start + int(count)
-            out[start:end] = self._expert(int(expert), x[token_of_slot[start:end]])
-            start = end
-        y = torch.zeros_like(x).index_add_(0, token_of_slot, out * slot_weights)
+        y = int4_experts(x, r.experts, r.weights, self.gate_up, self.gate_up_sz, self.down, self.down_sz)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
         return y.view(shape), torch.zeros(()), r.load
 
-    def _expert(self, expert: int, x: Tensor) -> Tensor:
-        """SwiGLU expert on a block of tokens: one fused gate+up int4 matmul, one down int4 matmul."""
-        gate, up = int4_matmul(x, *self.gate_up[expert]).chunk(2, dim=-1)
-        return int4_matmul(F.silu(gate) * up, *self.down[expert])
+
+def compile_decode(model: Transformer) -> Callable[..., ModelOutput]:
+    """The one-token decode step captured by torch.compile (static shapes: one graph, compiled at the
+    first call, ~10-60 s on two cores). Prefill stays eager: its length changes from prompt to prompt."""
+    return torch.compile(model, dynamic=False)
 
 
 def build_int4_model(cfg: ModelConfig, tensors: dict[str, Tensor]) -> Transformer:
@@ -130,33 +197,27 @@ def build_int4_model(cfg: ModelConfig, tensors: dict[str, Tensor]) -> Transforme
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, MoE):
-            shared = None
-            if module.shared_expert is not None:
-                shared = _int4_ffn(module.shared_expert, f"{name}.shared_expert", q)
+            shared = _int4_ffn(f"{name}.shared_expert", q) if module.shared_expert is not None else None
             setattr(parent, attr, Int4MoE(cfg, tensors[f"{name}.router.weight"], tensors[f"{name}.expert_bias"],
-                                          _stacked(q(f"{name}.gate_up_proj")), _stacked(q(f"{name}.down_proj")),
-                                          shared))
-        elif isinstance(module, nn.Linear) and ".shared_expert." not in name and ".router" not in name:
-            setattr(parent, attr, Int4Linear(*q(f"{name}.weight")))
+                                          q(f"{name}.gate_up_proj"), q(f"{name}.down_proj"), shared))
+        elif isinstance(module, FeedForward) and ".shared_expert" not in name:
+            setattr(parent, attr, _int4_ffn(name, q))
+        elif isinstance(module, Attention):
+            qkv = Int4Linear(*(q(f"{name}.{p}.weight") for p in ("q_proj", "k_proj", "v_proj")))
+            setattr(parent, attr, Int4Attention(cfg, qkv, Int4Linear(q(f"{name}.o_proj.weight"))))
         elif isinstance(module, nn.RMSNorm):
             norm = nn.RMSNorm(module.normalized_shape, eps=module.eps, device="cpu", dtype=COMPUTE_DTYPE)
             norm.weight.data.copy_(tensors[f"{name}.weight"])
             setattr(parent, attr, norm)
     model.embed = Int4Embedding(*q("embed.weight"))
-    if cfg.tie_embeddings:
-        model.lm_head = Int4Linear(*q("embed.weight"))
+    model.lm_head = Int4Linear(q("embed.weight" if cfg.tie_embeddings else "lm_head.weight"))
     model.inv_freq = rope_frequencies(cfg)
     return model.eval()
 
 
-def _stacked(pair: tuple[Tensor, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    return list(pair[0].unbind(0)), list(pair[1].unbind(0))
-
-
-def _int4_ffn(ffn: nn.Module, name: str, q) -> nn.Module:
-    for attr in ("gate_proj", "up_proj", "down_proj"):
-        setattr(ffn, attr, Int4Linear(*q(f"{name}.{attr}.weight")))
-    return ffn
+def _int4_ffn(name: str, q: Callable[[str], tuple[Tensor, Tensor]]) -> Int4FeedForward:
+    gate_up = Int4Linear(q(f"{name}.gate_proj.weight"), q(f"{name}.up_proj.weight"))
+    return Int4FeedForward(gate_up, Int4Linear(q(f"{name}.down_proj.weight")))
 
 
 def random_int4_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, Tensor]:

@@ -39,8 +39,11 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator) -> int:
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sampling: Sampling | None = None,
                     stop_ids: set[int] | frozenset = frozenset(), max_context: int | None = None,
-                    cache_dtype: torch.dtype = torch.float32) -> Iterator[int]:
-    """Yield generated token ids one by one (streaming); stops at a stop token or `max_new_tokens`."""
+                    cache_dtype: torch.dtype = torch.float32, compile: bool = False) -> Iterator[int]:
+    """Yield generated token ids one by one (streaming); stops at a stop token or `max_new_tokens`.
+    `compile` captures the decode step with torch.compile (see `engine.compile_decode`)."""
+    from mobilemoe.infer.engine import compile_decode
+
     sampling = sampling or Sampling()
     max_context = max_context or model.cfg.max_seq_len
     if not prompt:
@@ -52,25 +55,26 @@ def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, 
     total = min(max_context, len(prompt) + max_new_tokens)
     model.setup_cache(1, total, cache_dtype)
     generator = torch.Generator().manual_seed(sampling.seed)
+    decode_step = compile_decode(model) if compile else model
     logits = model(torch.tensor([prompt]), input_pos=torch.arange(len(prompt))).logits[0, -1]
     for pos in range(len(prompt), total):
         token = sample(logits, sampling, generator)
         yield token
         if token in stop_ids or pos + 1 >= total:
             return
-        logits = model(torch.tensor([[token]]), input_pos=torch.tensor([pos])).logits[0, -1]
+        logits = decode_step(torch.tensor([[token]]), input_pos=torch.tensor([pos])).logits[0, -1]
 
 
 def generate_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 64,
                   sampling: Sampling | None = None, on_token: Callable[[str], None] | None = None,
-                  cache_dtype: torch.dtype = torch.float32, chat: bool = False) -> str:
+                  cache_dtype: torch.dtype = torch.float32, chat: bool = False, compile: bool = False) -> str:
     """Generate a continuation (or, with `chat`, an assistant reply) as text, streaming pieces to `on_token`."""
     ids = (tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0] if chat
            else tokenizer.encode(prompt))
     out: list[int] = []
     shown = ""
     for token in generate_tokens(model, ids, max_new_tokens, sampling, tokenizer.stop_ids(),
-                                 cache_dtype=cache_dtype):
+                                 cache_dtype=cache_dtype, compile=compile):
         if token in tokenizer.stop_ids():
             break
         out.append(token)
