@@ -1,0 +1,145 @@
+"""Our INT4 engine vs llama.cpp (llama-cpp-python) on the same 4-bit model, side by side in one run.
+
+    .venv/bin/python bench/llamacpp_vs_engine.py [--layers 20] [--prompt 256] [--context 256] [--steps 16]
+
+The model is MobileMoE-S (random weights) without llama3 RoPE scaling, which llama.cpp's dots1 graph
+cannot compute (the speed is the same). Our INT4 checkpoint tensors (group 32, fp16 scales) go to the
+engine; the same float weights go to GGUF as q4_0, llama.cpp's format with the same layout (32 values,
+one fp16 scale), through `mobilemoe export gguf`'s writer. The router and norms stay f32 in both.
+Prompts are real text (Moby Dick as byte ids); batch 1, the same threads for both; the two take turns
+in every round (median of the rounds). Our decode is the torch.compile'd step; eager is shown too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mobilemoe.checkpoint import LoadedModel, model_tensors
+from mobilemoe.config import resolve_model_config
+from mobilemoe.data.tokenizer import train_bpe
+from mobilemoe.export.gguf import export_gguf
+from mobilemoe.infer.bench import real_text_ids
+from mobilemoe.infer.engine import COMPUTE_DTYPE, build_int4_model, compile_decode
+from mobilemoe.model import Transformer
+from mobilemoe.ui import console
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--prompt", type=int, default=256, help="prefill prompt length")
+    parser.add_argument("--context", type=int, default=256, help="context length at which decode is timed")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench_results/llamacpp_vs_engine")
+    args = parser.parse_args()
+    from llama_cpp import Llama
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = resolve_model_config({"preset": "mobilemoe-s", "n_layers": args.layers, "rope_scaling": None})
+    console.print(f"building {cfg.name} ({args.layers} layers) in float, INT4 and GGUF q4_0 ...")
+    with torch.no_grad():
+        model = Transformer(cfg).eval()
+    engine = build_int4_model(cfg, model_tensors(model, int4=True))
+    tokenizer = train_bpe(["MobileMoE runs on phones."] * 4, vocab_size=300)  # ids are fed directly
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = export_gguf(LoadedModel(model, tokenizer, False, "<memory>"), Path(tmp) / "s.gguf", "q4_0")
+        del model
+        n_ctx = _context_size(args)
+        llm = Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=args.threads,
+                    n_threads_batch=args.threads, verbose=False)
+        gguf_bytes = gguf.stat().st_size
+        results = run(engine, llm, real_text_ids(n_ctx, cfg.vocab_size), args)
+        llm.close()
+    results["gguf_bytes"] = gguf_bytes
+    report(results, args)
+
+
+@torch.inference_mode()
+def run(engine: Transformer, llm, ids: list[int], args: argparse.Namespace) -> dict:
+    n_ctx = _context_size(args)
+
+    def engine_prefill(n: int) -> None:
+        engine.setup_cache(1, n_ctx, COMPUTE_DTYPE)
+        engine(torch.tensor([ids[:n]]), input_pos=torch.arange(n))
+
+    def llama_prefill(n: int) -> None:
+        llm.reset()
+        llm.eval(ids[:n])
+
+    prefill = {"ours (INT4 engine)": engine_prefill, "llama.cpp (q4_0)": llama_prefill}
+    times: dict[str, list[float]] = {name: [] for name in prefill}
+    for fn in prefill.values():
+        fn(32)  # warm-up
+    for _ in range(args.rounds):
+        for name, fn in prefill.items():
+            times[name].append(_timed(lambda fn=fn: fn(args.prompt)))
+    prefill_tok_s = {name: args.prompt / statistics.median(t) for name, t in times.items()}
+
+    # Ours and llama.cpp hold separate caches; compiled and eager decode are the same engine sharing one
+    # cache, so they continue one position counter.
+    engine_prefill(args.context)
+    llama_prefill(args.context)
+    position = {"engine": args.context, "llama": args.context}
+    compiled = compile_decode(engine)
+
+    def engine_decode(step) -> None:
+        for _ in range(args.steps):
+            step(torch.tensor([[ids[position["engine"]]]]), input_pos=torch.tensor([position["engine"]]))
+            position["engine"] += 1
+
+    def llama_decode() -> None:
+        for _ in range(args.steps):
+            llm.eval([ids[position["llama"]]])
+            position["llama"] += 1
+
+    decoders = {"ours (INT4 engine), compiled decode": lambda: engine_decode(compiled),
+                "ours (INT4 engine), eager decode": lambda: engine_decode(engine),
+                "llama.cpp (q4_0)": llama_decode}
+    decoders["ours (INT4 engine), compiled decode"]()  # compiles, untimed
+    times = {name: [] for name in decoders}
+    for _ in range(args.rounds):
+        for name, fn in decoders.items():
+            times[name].append(_timed(fn))
+    return {"prefill_tok_s": prefill_tok_s,
+            "decode_tok_s": {name: args.steps / statistics.median(t) for name, t in times.items()}}
+
+
+def _context_size(args: argparse.Namespace) -> int:
+    return max(args.prompt, args.context) + (2 * args.rounds + 1) * args.steps + 2
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({**vars(args), **results}, indent=2))
+    base = "llama.cpp (q4_0)"
+    llama_prefill, llama_decode = results["prefill_tok_s"][base], results["decode_tok_s"][base]
+    console.print(f"MobileMoE-S shape, {args.layers} layers, {args.threads} threads; prefill {args.prompt} tokens, "
+                  f"decode at context {args.context}, median of {args.rounds} rounds")
+    console.print("| implementation | prefill tok/s | vs llama.cpp | decode tok/s | vs llama.cpp |")
+    console.print("|---|---|---|---|---|")
+    for name, value in results["decode_tok_s"].items():
+        pre = results["prefill_tok_s"].get(name.split(",")[0])
+        pre_text = f"{pre:.1f} | {pre / llama_prefill:.2f}x" if pre else "| "
+        console.print(f"| {name} | {pre_text} | {value:.1f} | {value / llama_decode:.2f}x |")
+    console.print(f"wrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
