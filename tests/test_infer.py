@@ -6,8 +6,16 @@ import torch
 from mobilemoe.checkpoint import model_tensors, save_model
 from mobilemoe.config import get_preset
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.infer.engine import Int4MoE, build_int4_model, load_int4_model
+from mobilemoe.infer.engine import (
+    Int4MoE,
+    build_int4_model,
+    experts_sorted,
+    int4_experts,
+    load_int4_model,
+    pack_stacked_for_cpu_kernel,
+)
 from mobilemoe.infer.generate import Sampling, generate_tokens
+from mobilemoe.infer.kernels import moe_decode_kernel
 from mobilemoe.model import Transformer
 from mobilemoe.moe import route_tokens, run_experts_reference
 from mobilemoe.quantize import dequantize_int4
@@ -103,3 +111,21 @@ def test_compiled_decode_generates_the_eager_tokens(preset):
     eager = list(generate_tokens(engine, prompt, 16, cache_dtype=torch.bfloat16))
     compiled = list(generate_tokens(engine, prompt, 16, cache_dtype=torch.bfloat16, compile=True))
     assert compiled == eager
+
+
+def test_moe_decode_kernel_equals_the_aten_path():
+    if moe_decode_kernel() is None:
+        pytest.skip("no C compiler here, or aten's int4pack layout is not the AVX-512 one the kernel reads")
+    torch.manual_seed(0)
+    n_experts, d, i = 12, 128, 64
+    gate_up = pack_stacked_for_cpu_kernel(torch.randint(0, 256, (n_experts, 2 * i, d // 2), dtype=torch.uint8),
+                                          torch.rand(n_experts, 2 * i, d // 32).half() * 0.05)
+    down = pack_stacked_for_cpu_kernel(torch.randint(0, 256, (n_experts, d, i // 2), dtype=torch.uint8),
+                                       torch.rand(n_experts, d, i // 32).half() * 0.05)
+    for _ in range(5):
+        x = torch.randn(1, d).bfloat16()
+        experts = torch.randperm(n_experts)[:3].unsqueeze(0)
+        weights = torch.rand(1, 3)
+        got = int4_experts(x, experts, weights, *gate_up, *down).float()
+        want = experts_sorted(x, experts, weights, *gate_up, *down).float()
+        assert (got - want).abs().max() < 0.02 * want.abs().max()  # aten rounds to bf16 in between

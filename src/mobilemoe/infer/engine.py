@@ -9,9 +9,10 @@ gate/up of every SwiGLU are one matmul, and the decode step can be captured whol
 The routed experts are a custom op (`mobilemoe::int4_experts`), written by hand because no library in
 our stack has a fused fine-grained MoE for CPU; as an opaque op it lets torch.compile capture the
 decode step in one graph. It takes the experts' weights stacked ([E, N, K/2]); at decode (one token) it
-runs exactly the top-k experts (2 kernel calls each), so the bytes read per token are the *active*
-weights; at prefill it sorts the token->expert assignments by expert and runs each expert's contiguous
-block through one gate+up and one down matmul, then a weighted scatter-add.
+runs exactly the top-k experts in one call of our C kernel (`infer/kernels/moe_decode.c`, on the same
+packed bytes), so the bytes read per token are the *active* weights; at prefill it sorts the
+token->expert assignments by expert and runs each expert's contiguous block through one gate+up and one
+down aten matmul, then a weighted scatter-add.
 """
 
 from __future__ import annotations
@@ -64,14 +65,24 @@ def int4_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, g
                  down: Tensor, down_sz: Tensor) -> Tensor:
     """y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) on stacked int4pack expert weights.
 
-    x [T, D] bf16; experts [T, k] int64; weights [T, k] fp32; returns [T, D] bf16.
+    x [T, D] bf16; experts [T, k] int64; weights [T, k] fp32; returns [T, D] bf16. One token (decode)
+    goes through our C kernel where it applies (one call for all k experts), else through aten.
     """
-    if x.shape[0] == 1:  # decode: just the k chosen experts, no sort or scatter
-        y = torch.zeros_like(x)
-        for e, w in zip(experts[0].tolist(), weights[0].tolist(), strict=True):
-            gate, up = int4_matmul(x, gate_up[e], gate_up_sz[e]).chunk(2, dim=-1)
-            y.add_(int4_matmul(F.silu(gate) * up, down[e], down_sz[e]), alpha=w)
-        return y
+    if x.shape[0] == 1 and (kernel := _moe_decode_kernel(x, gate_up, down)) is not None:
+        top_k, d, i = experts.shape[1], x.shape[1], gate_up.shape[1] // 2
+        x32, chosen, w32 = x.float().contiguous(), experts.contiguous(), weights.float().contiguous()
+        hidden, y = torch.empty(top_k * 2 * i), torch.empty(1, d)
+        kernel.moe_decode(x32.data_ptr(), chosen.data_ptr(), w32.data_ptr(), top_k, d, i, gate_up.data_ptr(),
+                          gate_up_sz.data_ptr(), down.data_ptr(), down_sz.data_ptr(), hidden.data_ptr(), y.data_ptr())
+        return y.to(x.dtype)
+    return experts_sorted(x, experts, weights, gate_up, gate_up_sz, down, down_sz)
+
+
+def experts_sorted(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, gate_up_sz: Tensor,
+                   down: Tensor, down_sz: Tensor) -> Tensor:
+    """The aten path: token->expert assignments sorted by expert, each expert's contiguous block through
+    one gate+up and one down int4 matmul, then a weighted scatter-add. At one token that is exactly the
+    top-k experts, 2 calls each."""
     top_k = experts.shape[1]
     flat = experts.flatten()
     order = torch.argsort(flat, stable=True)
@@ -85,6 +96,16 @@ def int4_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, g
         start = end
     out *= weights.flatten()[order].unsqueeze(-1).to(out.dtype)
     return torch.zeros_like(x).index_add_(0, token_of_slot, out)
+
+
+def _moe_decode_kernel(x: Tensor, gate_up: Tensor, down: Tensor):
+    """Our C decode kernel when it applies: AVX-512 layout, whole 64-row blocks, whole 32-value groups."""
+    from mobilemoe.infer.kernels import moe_decode_kernel
+
+    d, two_i = x.shape[1], gate_up.shape[1]
+    if d % 64 or two_i % 64 or (two_i // 2) % 32 or down.shape[1] != d:
+        return None
+    return moe_decode_kernel()
 
 
 @int4_experts.register_fake
