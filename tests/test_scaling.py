@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from mobilemoe.config import get_preset
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.model import build_on_meta, count_parameters
 from mobilemoe.scaling.fit import fit_table, load_table, write_fit
@@ -91,14 +92,26 @@ def test_planner_respects_every_budget():
         load_profile("nokia-3310")
 
 
+@pytest.mark.parametrize("preset, memory, max_active", [("mobilemoe-s", 0.75e9, 2.8e8),
+                                                         ("mobilemoe-m", 1.6e9, 5.3e8),
+                                                         ("mobilemoe-l", 3.0e9, 9.3e8)])
+def test_paper_scale_law_proposes_the_mobilemoe_shapes(preset, memory, max_active):
+    cfg = get_preset(preset)
+    top_two = plan(paper_scale_law(), memory, max_active, tokens=6e12)[0][:2]
+    assert all((c.n_layers, c.d_model, c.experts, c.top_k, c.shared) == (cfg.n_layers, cfg.d_model, 8, 1, True)
+               for c in top_two)
+    assert 8 in {c.granularity for c in top_two}  # the preset's own granularity is one of the two
+
+
 def test_sweep_runs_each_point_once_and_resumes(tmp_path, monkeypatch):
     import mobilemoe.train.trainer as trainer
     from mobilemoe.scaling.sweep import run_sweep
 
-    calls = []
+    calls, steps = [], {}
 
     def fake_run(recipe, out, resume=False, **kw):  # bookkeeping only; real training is tested in test_train
         calls.append((recipe.name, resume))
+        steps[recipe.name] = recipe.stages[0].steps
         if recipe.name == "moe-d64-E4-k1-g1" and len(calls) == 2:  # crash on its first attempt
             (Path(out) / "recipe.yaml").parent.mkdir(parents=True, exist_ok=True)
             (Path(out) / "recipe.yaml").write_text("x")
@@ -121,3 +134,11 @@ def test_sweep_runs_each_point_once_and_resumes(tmp_path, monkeypatch):
     assert list(table["run"]) == ["dense-d64", "moe-d64-E4-k1-g1"] and table["flops"].iloc[0] == 60000
     run_sweep(spec, tmp_path / "out")
     assert len(calls) == 3  # finished runs are never redone
+
+    # a token-budget axis: each budget is its own run, named by its steps unless it is the stage default
+    default = steps["dense-d64"]
+    spec.write_text(yaml.safe_dump({"name": "s", "recipe": str(Path("recipes/quickstart.yaml").resolve()),
+                                    "grid": [{"d_model": [64], "experts": [1], "steps": [default, 7]}]}))
+    table = pd.read_csv(run_sweep(spec, tmp_path / "out"))
+    assert list(table["run"]) == ["dense-d64", "dense-d64-s7"] and steps["dense-d64-s7"] == 7
+    assert len(calls) == 4

@@ -144,9 +144,12 @@ def paper_scale_law() -> Law:
 
     MobileMoE's own fitted coefficients are not public, so this set is part measured, part assumed:
     - dense part (A, B, c, alpha, beta): Epoch AI's refit of Chinchilla (Besiroglu et al. 2024) — measured.
-    - delta = -0.30 (an Ê-fold MoE lowers the parameter term by Ê^-0.3, ~0.54x at Ê = 8), gamma = +0.01
-      (the MoE gain shrinks slowly with size), omega = +0.05, zeta = 0 (sparser models want slightly more
-      data) — ASSUMED, chosen to match the signs and rough sizes reported by Ludziejewski et al. (2025).
+    - delta = -0.30 (an Ê-fold MoE lowers the parameter term by Ê^-0.3 before the size effect), gamma = -0.01
+      (the MoE gain shrinks with size, as Clark et al. 2022 found for routed models: the parameter term's
+      Ê factor is Ê^(delta - gamma·ln N), ~Ê^-0.105 at N = 3e8), omega = +0.05, zeta = 0 (sparser models
+      want slightly more data) — ASSUMED, chosen to match the signs and rough sizes reported by
+      Ludziejewski et al. (2025). (The first shipped set had gamma = +0.01, which makes the gain *grow*
+      with size, contrary to this note; with it the planner pushed E to the memory limit.)
     - granularity g multiplies A by 0.9 + 0.1·g^-0.6 (Krajewski et al. 2024: finer experts help, with
       diminishing returns; g = 8 -> 0.929, g = 16 -> 0.919) — ASSUMED shape.
     - a shared expert multiplies A by 0.97 — ASSUMED (DeepSeekMoE reports a small gain).
@@ -159,7 +162,7 @@ def paper_scale_law() -> Law:
         for k in (1, 2, 4):
             for shared in (False, True):
                 a = base["A"] * (0.9 + 0.1 * g ** -0.6) * (0.97 if shared else 1.0)
-                groups[group_key(g, k, shared)] = {**base, "A": a, "delta": -0.30, "gamma": 0.01, "omega": 0.05,
+                groups[group_key(g, k, shared)] = {**base, "A": a, "delta": -0.30, "gamma": -0.01, "omega": 0.05,
                                                    "zeta": 0.0}
     return Law(JOINT_MOE, groups, source="paper-scale set (Epoch's Chinchilla refit + assumed MoE terms; "
                                          "see mobilemoe.scaling.laws.paper_scale_law)")
