@@ -195,7 +195,12 @@ class Int4MoE(nn.Module):
 
 def compile_decode(model: Transformer) -> Callable[..., ModelOutput]:
     """The one-token decode step captured by torch.compile (static shapes: one graph, compiled at the
-    first call, ~10-60 s on two cores). Prefill stays eager: its length changes from prompt to prompt."""
+    first call, ~10-60 s on two cores). Prefill stays eager: its length changes from prompt to prompt.
+
+    Every (model shape, cache length) pair is its own graph of the one `Transformer.forward`; dynamo's
+    default limit of 8 graphs per function would silently run the rest eagerly (e.g. a bench of 4 presets
+    at 3 contexts), so the limit is raised."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(model, dynamic=False)
 
 
