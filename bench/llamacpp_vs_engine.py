@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ from mobilemoe.checkpoint import LoadedModel, model_tensors
 from mobilemoe.config import resolve_model_config
 from mobilemoe.data.tokenizer import train_bpe
 from mobilemoe.export.gguf import export_gguf
-from mobilemoe.infer.bench import real_text_ids
+from mobilemoe.infer.bench import interleaved, real_text_ids
 from mobilemoe.infer.engine import COMPUTE_DTYPE, build_int4_model, compile_decode
 from mobilemoe.model import Transformer
 from mobilemoe.ui import console
@@ -77,13 +75,10 @@ def run(engine: Transformer, llm, ids: list[int], args: argparse.Namespace) -> d
         llm.eval(ids[:n])
 
     prefill = {"ours (INT4 engine)": engine_prefill, "llama.cpp (q4_0)": llama_prefill}
-    times: dict[str, list[float]] = {name: [] for name in prefill}
     for fn in prefill.values():
         fn(32)  # warm-up
-    for _ in range(args.rounds):
-        for name, fn in prefill.items():
-            times[name].append(_timed(lambda fn=fn: fn(args.prompt)))
-    prefill_tok_s = {name: args.prompt / statistics.median(t) for name, t in times.items()}
+    seconds = interleaved(list(prefill.values()), lambda fn: fn(args.prompt), args.rounds)
+    prefill_tok_s = {name: args.prompt / t for name, t in zip(prefill, seconds, strict=True)}
 
     # Ours and llama.cpp hold separate caches; compiled and eager decode are the same engine sharing one
     # cache, so they continue one position counter.
@@ -106,22 +101,13 @@ def run(engine: Transformer, llm, ids: list[int], args: argparse.Namespace) -> d
                 "ours (INT4 engine), eager decode": lambda: engine_decode(engine),
                 "llama.cpp (q4_0)": llama_decode}
     decoders["ours (INT4 engine), compiled decode"]()  # compiles, untimed
-    times = {name: [] for name in decoders}
-    for _ in range(args.rounds):
-        for name, fn in decoders.items():
-            times[name].append(_timed(fn))
+    seconds = interleaved(list(decoders.values()), lambda fn: fn(), args.rounds)
     return {"prefill_tok_s": prefill_tok_s,
-            "decode_tok_s": {name: args.steps / statistics.median(t) for name, t in times.items()}}
+            "decode_tok_s": {name: args.steps / t for name, t in zip(decoders, seconds, strict=True)}}
 
 
 def _context_size(args: argparse.Namespace) -> int:
     return max(args.prompt, args.context) + (2 * args.rounds + 1) * args.steps + 2
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def report(results: dict, args: argparse.Namespace) -> None:

@@ -42,11 +42,11 @@ def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
     src = torch.ones(n_bytes // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    best = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
     return 2 * n_bytes / best
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
@@ -79,7 +79,7 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
     for model in models:
         _prefill(model, ids[id(model)][:32])  # warm-up
     for n in prompt_lens:
-        times = _interleaved(models, lambda m, n=n: _prefill(m, ids[id(m)][:n]), rounds)
+        times = interleaved(models, lambda m, n=n: _prefill(m, ids[id(m)][:n]), rounds)
         for r, seconds in zip(results, times, strict=True):
             r.prefill_tok_s[n], r.ttft_s[n] = n / seconds, seconds
     for ctx in contexts:
@@ -96,17 +96,18 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
                 steps[id(model)](torch.tensor([[ids[id(model)][pos]]]), input_pos=torch.tensor([pos]))
                 position[id(model)] = pos + 1
 
-        for r, seconds in zip(results, _interleaved(models, decode_block, rounds), strict=True):
+        for r, seconds in zip(results, interleaved(models, decode_block, rounds), strict=True):
             r.decode_tok_s[ctx] = decode_steps / seconds
     return results
 
 
-def _interleaved(models: list[Transformer], work, rounds: int) -> list[float]:
-    """Median seconds of `work(model)` per model, the models taking turns in each round."""
-    times: list[list[float]] = [[] for _ in models]
+def interleaved(items: list, work, rounds: int) -> list[float]:
+    """Median seconds of `work(item)` per item, the items taking turns in each round, so load on a shared
+    machine hits them alike."""
+    times: list[list[float]] = [[] for _ in items]
     for _ in range(rounds):
-        for i, model in enumerate(models):
-            times[i].append(_timed(lambda model=model: work(model)))
+        for i, item in enumerate(items):
+            times[i].append(timed(lambda item=item: work(item)))
     return [sorted(t)[len(t) // 2] for t in times]
 
 

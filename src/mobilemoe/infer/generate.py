@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.infer.engine import compile_decode
 from mobilemoe.model import Transformer
 
 
@@ -42,8 +43,6 @@ def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, 
                     cache_dtype: torch.dtype = torch.float32, compile: bool = False) -> Iterator[int]:
     """Yield generated token ids one by one (streaming); stops at a stop token or `max_new_tokens`.
     `compile` captures the decode step with torch.compile (see `engine.compile_decode`)."""
-    from mobilemoe.infer.engine import compile_decode
-
     sampling = sampling or Sampling()
     max_context = max_context or model.cfg.max_seq_len
     if not prompt:
