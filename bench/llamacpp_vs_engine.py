@@ -21,11 +21,11 @@ import torch
 
 from mobilemoe.checkpoint import LoadedModel, model_tensors
 from mobilemoe.config import resolve_model_config
-from mobilemoe.data.tokenizer import train_bpe
 from mobilemoe.export.gguf import export_gguf
 from mobilemoe.infer.bench import interleaved, real_text_ids
 from mobilemoe.infer.engine import COMPUTE_DTYPE, build_int4_model, compile_decode
 from mobilemoe.model import Transformer
+from mobilemoe.tokenizer import train_bpe
 from mobilemoe.ui import console
 
 

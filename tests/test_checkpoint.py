@@ -5,10 +5,10 @@ import torch
 
 from mobilemoe.checkpoint import load_model, save_model
 from mobilemoe.config import get_preset
-from mobilemoe.data.tokenizer import train_bpe
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.model import Transformer
 from mobilemoe.quantize import dequantize_int4, quantize_int4
+from mobilemoe.tokenizer import train_bpe
 
 
 def test_float_round_trip_with_tokenizer(tmp_path):

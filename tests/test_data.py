@@ -75,7 +75,7 @@ def test_packing_rows_are_contiguous_stream_with_eos_separators(tmp_path):
 
 
 def test_sft_mask_trains_only_assistant_tokens(tmp_path):
-    from mobilemoe.data.tokenizer import train_bpe
+    from mobilemoe.tokenizer import train_bpe
 
     tok = train_bpe(["hello there, how are you? fine thanks."] * 20, vocab_size=300)
     ids, mask = tok.encode_chat([{"role": "user", "content": "hello there"},
@@ -263,7 +263,7 @@ def test_prepared_data_and_recipe_errors(tmp_path):
 
 # --- batched chat encoding, registry extractors ----------------------------------------------------------
 def test_encode_chat_batch_equals_one_encode_per_piece():
-    from mobilemoe.data.tokenizer import train_bpe
+    from mobilemoe.tokenizer import train_bpe
 
     tok = train_bpe(["hello there, how are you? fine thanks. héllo wörld\n"] * 20, vocab_size=300)
     conversations = [[{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "fine thanks"}],

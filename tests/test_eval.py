@@ -9,13 +9,13 @@ import torch.nn.functional as F
 
 from mobilemoe.checkpoint import save_model
 from mobilemoe.config import get_preset
-from mobilemoe.data.tokenizer import train_bpe
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.eval import data
 from mobilemoe.eval.runner import evaluate, load_for_eval, read_results, results_table_markdown, run_task
 from mobilemoe.eval.scoring import Scorer
 from mobilemoe.eval.tasks import Task, get_task, multiple_choice_example, text_task
 from mobilemoe.model import Transformer
+from mobilemoe.tokenizer import train_bpe
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Question: where do birds live? Answer: in trees.",
              "Paris is the capital of France, and the Seine runs through it."]

@@ -6,9 +6,9 @@ import torch
 
 from mobilemoe.checkpoint import LoadedModel, save_model
 from mobilemoe.config import resolve_model_config
-from mobilemoe.data.tokenizer import train_bpe
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.model import Transformer
+from mobilemoe.tokenizer import train_bpe
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Mixture of experts models route each token to experts.",
          "Hello world, small language models run on phones.", "A shared expert sees every token."] * 10

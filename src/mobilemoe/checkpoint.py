@@ -21,10 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mobilemoe.config import ModelConfig
-from mobilemoe.data.tokenizer import Tokenizer
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.model import Transformer
 from mobilemoe.quantize import dequantize_int4, is_quantized_weight, quantize_int4
+from mobilemoe.tokenizer import Tokenizer
 
 INT4_FORMAT = "int4-g32-sym"
 

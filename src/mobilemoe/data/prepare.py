@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from mobilemoe.checkpoint import atomic_dir
 from mobilemoe.config import read_mapping
 from mobilemoe.data import documents as D
 from mobilemoe.data import registry
 from mobilemoe.data.shards import Shard, ShardStats, write_shard
-from mobilemoe.data.tokenizer import Tokenizer, train_bpe
 from mobilemoe.errors import ConfigError, MobileMoEError
+from mobilemoe.tokenizer import Tokenizer, train_bpe
 from mobilemoe.ui import console, human_bytes, human_count, progress
 
 KINDS = ("pretrain", "midtrain", "sft")
@@ -309,8 +310,6 @@ def encode_documents(tok: Tokenizer, docs: list[D.Document], chunk: int = 512
 
 def prepare(recipe_path: str | Path, out: str | Path | None = None, quiet: bool = False) -> PreparedData:
     """Prepare the data a recipe names (once: a finished output directory is reused) and return it."""
-    from mobilemoe.checkpoint import atomic_dir  # here: checkpoint imports mobilemoe.data.tokenizer
-
     recipe = load_data_recipe(recipe_path)
     key = recipe_key(recipe)
     out = Path(out) if out else registry.cache_dir() / "prepared" / f"{recipe.name}-{key}"

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from mobilemoe.checkpoint import LoadedModel
-from mobilemoe.data.tokenizer import Tokenizer
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.eval.tasks import MultipleChoice, Task, Text, resolve_tasks
 from mobilemoe.model import Transformer
+from mobilemoe.tokenizer import Tokenizer
 
 PERCENT_METRICS = ("acc", "acc_norm", "exact_match")
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from mobilemoe.data.tokenizer import Tokenizer
 from mobilemoe.model import Transformer
+from mobilemoe.tokenizer import Tokenizer
 
 TokenPair = tuple[list[int], list[int]]
 

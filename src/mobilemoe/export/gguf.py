@@ -24,9 +24,9 @@ import torch
 
 from mobilemoe.checkpoint import LoadedModel
 from mobilemoe.config import ModelConfig
-from mobilemoe.data.tokenizer import Tokenizer
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export import as_loaded, atomic_output_file
+from mobilemoe.tokenizer import Tokenizer
 
 QUANTS = ("q4_0", "q8_0", "f16", "f32")
 ARCH = "dots1"
@@ -136,7 +136,7 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
         writer.add_chat_template(CHAT_TEMPLATE)
 
 
-# Our chat format (mobilemoe.data.tokenizer) as a Jinja template, shared with the HF export.
+# Our chat format (mobilemoe.tokenizer) as a Jinja template, shared with the HF export.
 CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
                  "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
                  "{% endif %}")

@@ -23,11 +23,11 @@ import torch
 
 from mobilemoe.checkpoint import LoadedModel, atomic_dir
 from mobilemoe.config import ModelConfig, RopeScaling
-from mobilemoe.data.tokenizer import Tokenizer
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export import as_loaded
 from mobilemoe.export.gguf import CHAT_TEMPLATE
 from mobilemoe.model import Transformer
+from mobilemoe.tokenizer import Tokenizer
 
 
 def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None):

@@ -33,9 +33,9 @@ import torch
 
 from mobilemoe.checkpoint import LoadedModel, read_tensors
 from mobilemoe.config import ModelConfig, RopeScaling
-from mobilemoe.data.tokenizer import Tokenizer
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.model import Transformer
+from mobilemoe.tokenizer import Tokenizer
 from mobilemoe.ui import console
 
 EXPERT_BIAS_NAMES = ("feed_forward.router.expert_bias", "feed_forward.expert_bias",

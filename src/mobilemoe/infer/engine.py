@@ -273,7 +273,7 @@ def random_int4_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
 def load_int4_model(source: str | Path) -> tuple[Transformer, object | None]:
     """An INT4 engine model from an INT4 checkpoint directory (tokenizer too, if present)."""
     from mobilemoe.checkpoint import INT4_FORMAT, load_config, read_tensors
-    from mobilemoe.data.tokenizer import Tokenizer
+    from mobilemoe.tokenizer import Tokenizer
 
     directory = Path(source)
     cfg = load_config(directory)
