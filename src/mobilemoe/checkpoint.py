@@ -10,9 +10,6 @@ renamed, so a crash never leaves half a checkpoint. Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from safetensors.torch import save_file
 
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.io import atomic_dir
 from mobilemoe.model import Transformer
 from mobilemoe.quantize import dequantize_int4, is_quantized_weight, quantize_int4
 from mobilemoe.tokenizer import Tokenizer
@@ -48,34 +46,6 @@ def model_tensors(model: Transformer, int4: bool) -> dict[str, torch.Tensor]:
         else:
             tensors[name] = t
     return tensors
-
-
-@contextmanager
-def atomic_dir(directory: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `directory` to fill; on success it replaces `directory` in one rename.
-
-    On any error the temporary is removed and the previous `directory` (if any) is untouched; running
-    out of disk becomes a MobileMoEError that says so.
-    """
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
-    except OSError as err:
-        raise MobileMoEError(f"could not write {directory}: {err}. The previous version (if any) is untouched; "
-                             "free some disk space and retry.") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_model_files(directory: Path, model: Transformer, tokenizer: Tokenizer | None = None, int4: bool = False,

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.io import atomic_file
 
 EOS = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -84,10 +85,8 @@ class Tokenizer:
         return out
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        self.hf.save(str(tmp))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            self.hf.save(str(tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

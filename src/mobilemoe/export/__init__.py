@@ -6,9 +6,6 @@ are never changed, so an export either matches our model exactly or is refused w
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,16 +18,3 @@ def as_loaded(source: str | Path | LoadedModel) -> LoadedModel:
     from mobilemoe.checkpoint import LoadedModel, load_model
 
     return source if isinstance(source, LoadedModel) else load_model(source)
-
-
-@contextmanager
-def atomic_output_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write; renamed onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -25,7 +25,8 @@ import torch
 from mobilemoe.checkpoint import LoadedModel
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.export import as_loaded, atomic_output_file
+from mobilemoe.export import as_loaded
+from mobilemoe.io import atomic_file
 from mobilemoe.tokenizer import Tokenizer
 
 QUANTS = ("q4_0", "q8_0", "f16", "f32")
@@ -69,7 +70,7 @@ def export_gguf(source: str | Path | LoadedModel, path: str | Path, quant: str =
     if tokenizer.vocab_size > cfg.vocab_size:
         raise MobileMoEError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
 
-    with atomic_output_file(path) as tmp:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         _write_hparams(writer, cfg, quant)
         _write_tokenizer(writer, tokenizer, cfg.vocab_size)

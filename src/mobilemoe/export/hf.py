@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from mobilemoe.checkpoint import LoadedModel, atomic_dir
+from mobilemoe.checkpoint import LoadedModel
 from mobilemoe.config import ModelConfig, RopeScaling
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export import as_loaded
 from mobilemoe.export.gguf import CHAT_TEMPLATE
+from mobilemoe.io import atomic_dir
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import Tokenizer
 

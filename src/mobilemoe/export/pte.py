@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from mobilemoe.checkpoint import LoadedModel
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.export import as_loaded, atomic_output_file
+from mobilemoe.export import as_loaded
+from mobilemoe.io import atomic_file
 from mobilemoe.model import MoE, Transformer
 from mobilemoe.quantize import GROUP_SIZE, quantize_int4
 
@@ -134,7 +135,7 @@ def export_pte(source: str | Path | LoadedModel, path: str | Path, max_seq_len: 
         program = torch.export.export(step, example, strict=False)
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     et_program = lowered.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
-    with atomic_output_file(path) as tmp:
+    with atomic_file(path) as tmp:
         tmp.write_bytes(et_program.buffer)
     return Path(path)
 

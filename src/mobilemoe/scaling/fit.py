@@ -11,7 +11,6 @@ L-BFGS; the law, objective, start grid and bootstrap are here.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from scipy.optimize import minimize
 from scipy.special import huber, logsumexp
 
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.io import atomic_write_json
 from mobilemoe.scaling.laws import CHINCHILLA, DENSE_GROUP, JOINT_MOE, Law, LawForm, get_form, group_key
 
 # Hoffmann et al.'s start grid (Epoch reuses it): alpha, beta in 0..2, log E in -1..1, log A, log B in 0..25.
@@ -207,10 +207,9 @@ def fit_table(table, law: str, source: str = "", delta: float = 1e-3, bootstrap:
 
 def write_fit(result: FitResult, table, out_dir: str | Path) -> list[Path]:
     """coefficients.json plus the three figures; returns the files written."""
-    from mobilemoe.config import atomic_write_text
     from mobilemoe.scaling.plots import plot_fit
 
     out = Path(out_dir)
     path = out / f"{result.law.name}_fit.json"
-    atomic_write_text(path, json.dumps(result.to_json(), indent=2) + "\n")
+    atomic_write_json(path, result.to_json())
     return [path, *plot_fit(result, table, out)]

@@ -24,8 +24,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mobilemoe.config import atomic_write_text, granular_moe, read_mapping
+from mobilemoe.config import granular_moe
 from mobilemoe.errors import ConfigError
+from mobilemoe.io import atomic_write_text, read_mapping
 from mobilemoe.ui import console
 
 COLUMNS = ["run", "d_model", "n_layers", "experts", "top_k", "granularity", "shared", "params", "total_params",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilemoe.checkpoint import load_model, save_model
+from mobilemoe.io import atomic_write_text
 from mobilemoe.train.recipe import Recipe, load_recipe
 from mobilemoe.train.trainer import heldout_loss, run_recipe
 from mobilemoe.ui import console
@@ -116,9 +117,7 @@ def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results:
             lines.append(f"![{model} {path.stem}](plots/{model}/{path.name})")
     lines.append(f"![pre-training loss, MoE vs dense]({_compare_plot(out).name})")
     report = out / "report.md"
-    tmp = report.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(report)
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report
 
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mobilemoe.config import ModelConfig, from_dict, read_mapping, resolve_model_config
+from mobilemoe.config import ModelConfig, from_dict, resolve_model_config
 from mobilemoe.errors import ConfigError
+from mobilemoe.io import read_mapping
 
 STAGE_KINDS = ("pretrain", "midtrain", "sft", "qat")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")

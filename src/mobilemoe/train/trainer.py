@@ -26,9 +26,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mobilemoe.checkpoint import atomic_dir, load_model, save_model, write_model_files
+from mobilemoe.checkpoint import load_model, save_model, write_model_files
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.io import atomic_dir, atomic_write_json
 from mobilemoe.model import Transformer, count_parameters
 from mobilemoe.quantize import prepare_qat
 from mobilemoe.train import parallel
@@ -336,9 +337,7 @@ def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: s
         summary["stages"][s.name] = asdict(result)
         summary.update(asdict(result))
         if world.is_main:
-            tmp = summary_file.with_name(".summary.json.tmp")
-            tmp.write_text(json.dumps(summary, indent=2))
-            tmp.replace(summary_file)
+            atomic_write_json(summary_file, summary)
             console.print(f"[bold green]{s.name}[/] done: {result.steps} steps, {result.tokens:,} tokens, "
                           f"val loss {result.final_val_loss:.4f} (best {result.best_val_loss:.4f}), "
                           f"{result.wall_time_s:.0f}s -> {final}")

@@ -2,8 +2,8 @@
 
 Plain C + OpenMP rather than a torch C++ extension: it builds in about a second (no torch headers) and
 shares torch's OpenMP runtime (the .so asks for `libgomp.so.1`, which torch has already loaded). The
-build is cached under ~/.cache/mobilemoe/kernels, keyed by source, flags and CPU; where there is no
-compiler or the CPU is not one the kernel's weight layout is written for, callers use aten instead.
+build is cached under `<cache root>/kernels` (`mobilemoe.io.cache_root`), keyed by source, flags and CPU;
+where there is no compiler or the CPU is not one the kernel's weight layout is written for, callers use aten instead.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from mobilemoe.io import cache_root
+
 SOURCE = Path(__file__).with_name("moe_decode.c")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC"]
-CACHE = Path(os.environ.get("MOBILEMOE_CACHE", Path.home() / ".cache" / "mobilemoe")) / "kernels"
 
 
 @functools.cache
@@ -33,10 +34,12 @@ def moe_decode_kernel() -> ctypes.CDLL | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_model().encode()).hexdigest()[:16]
-    path = CACHE / f"moe_decode-{key}.so"
+    cache = cache_root() / "kernels"
+    path = cache / f"moe_decode-{key}.so"
     if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        cache.mkdir(parents=True, exist_ok=True)
+        # a unique temporary (not io.atomic_file's fixed name): concurrent builders must not share it
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / "moe_decode.so"
             result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
                                     text=True)
