@@ -14,13 +14,27 @@ from mobilemoe.tokenizer import train_bpe
 def test_float_round_trip_with_tokenizer(tmp_path):
     torch.manual_seed(0)
     model = Transformer(get_preset("micro-moe"))
-    model.layers[0].ffn.expert_bias.fill_(0.25)
+    model.layers[0].ffn.router.expert_bias.fill_(0.25)
     tok = train_bpe(["hello world, the quick brown fox"] * 20, vocab_size=300)
     save_model(tmp_path / "ckpt", model, tok)
     loaded = load_model(tmp_path / "ckpt")
     assert not loaded.int4 and loaded.tokenizer.encode("hello") == tok.encode("hello")
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+
+def test_checkpoint_from_before_the_router_module_loads(tmp_path):
+    """The selection bias was `ffn.expert_bias` before `moe.Router` owned it; such checkpoints still load."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = Transformer(get_preset("micro-moe"))
+    model.layers[0].ffn.router.expert_bias.fill_(0.25)
+    save_model(tmp_path / "old", model)
+    file = tmp_path / "old" / "model.safetensors"
+    save_file({k.replace(".router.expert_bias", ".expert_bias"): v for k, v in load_file(file).items()}, file)
+    assert (load_model(tmp_path / "old").model.layers[0].ffn.router.expert_bias == 0.25).all()
 
 
 def test_int4_round_trip_is_the_quantized_model(tmp_path):

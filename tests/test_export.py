@@ -21,7 +21,7 @@ def tiny_model(seed: int = 0, **overrides) -> LoadedModel:
     torch.manual_seed(seed)
     model = Transformer(resolve_model_config({"preset": "micro-moe", "vocab_size": 512, **overrides})).eval()
     for moe in model.moe_layers():
-        moe.expert_bias.normal_(0, 0.05)
+        moe.router.expert_bias.normal_(0, 0.05)
     return LoadedModel(model, tok, False, "<memory>")
 
 

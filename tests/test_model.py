@@ -4,7 +4,7 @@ import torch
 from mobilemoe.config import PRESETS, ModelConfig, get_preset, granular_moe, resolve_model_config
 from mobilemoe.errors import ConfigError
 from mobilemoe.model import Transformer, build_on_meta, count_parameters
-from mobilemoe.moe import route_tokens, run_experts, run_experts_reference
+from mobilemoe.moe import Router, run_experts, run_experts_reference
 from mobilemoe.quantize import weight_bytes
 
 
@@ -54,8 +54,7 @@ def test_sigmoid_router_selects_by_bias_but_weights_by_score():
     x = torch.randn(50, 8)
     w = torch.randn(4, 8)
     bias = torch.tensor([0.0, 10.0, 0.0, 0.0])  # expert 1 always selected
-    r = route_tokens(x, w, bias, top_k=2, kind="sigmoid", norm_topk_prob=True, scaling=2.5,
-                     aux_loss_coef=0.0, z_loss_coef=0.0)
+    r = _router(w, bias, top_k=2, router="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5)(x)
     assert (r.experts == 1).any(-1).all()
     scores = torch.sigmoid(x @ w.T)
     picked = scores.gather(-1, r.experts)
@@ -65,14 +64,22 @@ def test_sigmoid_router_selects_by_bias_but_weights_by_score():
 
 def test_softmax_router_aux_and_z_losses():
     x, w = torch.randn(40, 8), torch.randn(5, 8)
-    r = route_tokens(x, w, torch.zeros(5), top_k=1, kind="softmax", norm_topk_prob=False, scaling=1.0,
+    router = _router(w, torch.zeros(5), top_k=1, router="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
                      aux_loss_coef=0.01, z_loss_coef=0.001)
+    r = router(x)
     logits = x @ w.T
     p = logits.softmax(-1)
     f = torch.bincount(p.argmax(-1), minlength=5).float() / 40
     want = 0.01 * 5 * (f * p.mean(0)).sum() + 0.001 * torch.logsumexp(logits, -1).square().mean()
     torch.testing.assert_close(r.aux_loss, want)
     torch.testing.assert_close(r.weights.squeeze(-1), p.max(-1).values)
+    assert router.eval()(x).aux_loss == 0  # auxiliary losses are a training-time term only
+
+
+def _router(weight: torch.Tensor, bias: torch.Tensor, **settings) -> Router:
+    router = Router(ModelConfig(d_model=weight.shape[1], n_routed_experts=weight.shape[0], **settings))
+    router.load_state_dict({"weight": weight, "expert_bias": bias})
+    return router
 
 
 @pytest.mark.parametrize("name,active,total", [("mobilemoe-s", 272e6, 1.26e9), ("mobilemoe-m", 528e6, 2.82e9),
@@ -171,6 +178,6 @@ def test_expert_bias_moves_toward_balance():
     _, _, load = moe(x)
     assert load[0] == 64
     model.update_expert_bias()
-    assert moe.expert_bias[0] < 0
-    torch.testing.assert_close(moe.expert_bias, 1e-3 * torch.sign(load.mean() - load))
+    assert moe.router.expert_bias[0] < 0
+    torch.testing.assert_close(moe.router.expert_bias, 1e-3 * torch.sign(load.mean() - load))
     assert moe.load_since_update.sum() == 0

@@ -77,10 +77,15 @@ def load_config(directory: str | Path) -> ModelConfig:
     return ModelConfig.load(directory / "config.json")
 
 
+def _current_name(name: str) -> str:
+    """Checkpoints written before `moe.Router` owned the selection bias stored it as `<layer>.ffn.expert_bias`."""
+    return name.replace(".ffn.expert_bias", ".ffn.router.expert_bias")
+
+
 def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+            return {_current_name(k): f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
     except (SafetensorError, OSError) as err:
         raise MobileMoEError(f"{file} is missing or corrupt ({err}); re-export or re-train it") from None
 

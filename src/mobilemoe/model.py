@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mobilemoe.config import ModelConfig
-from mobilemoe.moe import route_tokens, run_experts
+from mobilemoe.moe import Router, run_experts
 
 IGNORE_INDEX = -100
 
@@ -118,10 +118,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         E, D, I = cfg.n_routed_experts, cfg.d_model, cfg.expert_size
-        self.router = nn.Linear(D, E, bias=False)
-        # Aux-loss-free balancing bias: changes which experts are selected, never the output weights;
-        # updated by `update_expert_bias` outside the gradient.
-        self.register_buffer("expert_bias", torch.zeros(E))
+        self.router = Router(cfg)
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         hidden = cfg.n_shared_experts * cfg.shared_expert_size
@@ -132,10 +129,7 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        c = self.cfg
-        r = route_tokens(x, self.router.weight, self.expert_bias, c.top_k, c.router, c.norm_topk_prob,
-                         c.routed_scaling_factor, c.aux_loss_coef if self.training else 0.0,
-                         c.z_loss_coef if self.training else 0.0)
+        r = self.router(x)
         y = self.dispatch(x, r.experts, r.weights, self.gate_up_proj, self.down_proj)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
@@ -148,7 +142,7 @@ class MoE(nn.Module):
         """DeepSeek-V3 balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
         load = self.load_since_update
         if load.sum() > 0:
-            self.expert_bias += rate * torch.sign(load.mean() - load)
+            self.router.expert_bias += rate * torch.sign(load.mean() - load)
         load.zero_()
 
 

@@ -1,4 +1,4 @@
-"""MoE routing and expert dispatch.
+"""MoE routing (`Router`) and expert dispatch.
 
 Written by hand because no library in our stack does dropless, fine-grained MoE on CPU: torchao and
 transformers loop over experts or compute all of them. `run_experts` sorts the token->expert
@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from mobilemoe.config import ModelConfig
 
 
 @dataclass
@@ -27,39 +29,53 @@ class Routing:
     load: Tensor  # [E] fp32, number of token assignments per expert
 
 
-def route_tokens(x: Tensor, router_weight: Tensor, expert_bias: Tensor, top_k: int, kind: str,
-                 norm_topk_prob: bool, scaling: float, aux_loss_coef: float, z_loss_coef: float) -> Routing:
-    """Token-choice top-k routing in fp32.
+class Router(nn.Module):
+    """Token-choice top-k routing in fp32; owns the router weight [E, D], the selection bias [E] and the
+    routing settings of `cfg`.
 
     sigmoid: experts are *selected* by score + expert_bias (aux-loss-free balancing) but weighted by the
     plain scores; softmax: selected and weighted by probabilities. Top-k weights are renormalised to sum
-    to one when `norm_topk_prob`, then multiplied by `scaling` (routed_scaling_factor).
+    to one when `norm_topk_prob`, then multiplied by `routed_scaling_factor`. The auxiliary losses
+    (switch load balancing, z-loss) are computed only in training mode.
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        logits = F.linear(x.float(), router_weight.float())
-    n_experts = logits.shape[-1]
-    if kind == "sigmoid":
-        scores = torch.sigmoid(logits)
-        experts = torch.topk(scores + expert_bias, top_k, dim=-1).indices
-        weights = scores.gather(-1, experts)
-    else:
-        scores = torch.softmax(logits, dim=-1)
-        weights, experts = torch.topk(scores, top_k, dim=-1)
-    if norm_topk_prob:
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-    weights = weights * scaling
 
-    # scatter_add rather than bincount: a static output shape, so torch.compile traces routing in one graph.
-    flat = experts.flatten()
-    load = logits.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat, dtype=logits.dtype))
-    aux_loss = logits.new_zeros(())
-    if aux_loss_coef > 0:
-        # Switch Transformer: E * sum_e (fraction of assignments to e) * (mean router probability of e).
-        probs = scores / scores.sum(-1, keepdim=True) if kind == "sigmoid" else scores
-        aux_loss = aux_loss + aux_loss_coef * n_experts * torch.dot(load / load.sum(), probs.mean(0))
-    if z_loss_coef > 0:
-        aux_loss = aux_loss + z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
-    return Routing(experts, weights, aux_loss, load)
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.kind, self.norm_topk_prob = cfg.top_k, cfg.router, cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.z_loss_coef
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.d_model))
+        # Aux-loss-free balancing bias: changes which experts are selected, never the output weights;
+        # updated by `MoE.update_expert_bias` outside the gradient.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: Tensor) -> Routing:
+        """x [T, D] -> the top-k experts of each token and their weights."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        n_experts = logits.shape[-1]
+        if self.kind == "sigmoid":
+            scores = torch.sigmoid(logits)
+            experts = torch.topk(scores + self.expert_bias.float(), self.top_k, dim=-1).indices
+            weights = scores.gather(-1, experts)
+        else:
+            scores = torch.softmax(logits, dim=-1)
+            weights, experts = torch.topk(scores, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        weights = weights * self.scaling
+
+        # scatter_add rather than bincount: a static output shape, so torch.compile traces routing in one graph.
+        flat = experts.flatten()
+        load = logits.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat, dtype=logits.dtype))
+        aux_loss = logits.new_zeros(())
+        if self.training and self.aux_loss_coef > 0:
+            # Switch Transformer: E * sum_e (fraction of assignments to e) * (mean router probability of e).
+            probs = scores / scores.sum(-1, keepdim=True) if self.kind == "sigmoid" else scores
+            aux_loss = aux_loss + self.aux_loss_coef * n_experts * torch.dot(load / load.sum(), probs.mean(0))
+        if self.training and self.z_loss_coef > 0:
+            aux_loss = aux_loss + self.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+        return Routing(experts, weights, aux_loss, load)
 
 
 def run_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:

@@ -166,8 +166,8 @@ def _gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
                 # QK-norm without learned scale == RMSNorm with a weight of ones.
                 (p + "attn_q_norm.weight", ones), (p + "attn_k_norm.weight", ones),
                 (p + "ffn_gate_inp.weight", moe.router.weight),
-                (p + "exp_probs_b.bias", moe.expert_bias if cfg.router == "sigmoid" else torch.zeros_like(
-                    moe.expert_bias)),
+                (p + "exp_probs_b.bias", moe.router.expert_bias if cfg.router == "sigmoid" else torch.zeros_like(
+                    moe.router.expert_bias)),
                 (p + "ffn_gate_exps.weight", moe.gate_up_proj[:, : cfg.expert_size]),
                 (p + "ffn_up_exps.weight", moe.gate_up_proj[:, cfg.expert_size:]),
                 (p + "ffn_down_exps.weight", moe.down_proj)]

@@ -95,7 +95,7 @@ def hf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
                 out[p + f"mlp.{proj}.weight"] = getattr(ffn, proj).weight
             continue
         out[p + "mlp.gate.weight"] = ffn.router.weight
-        out[p + "mlp.gate.e_score_correction_bias"] = ffn.expert_bias
+        out[p + "mlp.gate.e_score_correction_bias"] = ffn.router.expert_bias
         out[p + "mlp.experts.gate_up_proj"] = ffn.gate_up_proj
         out[p + "mlp.experts.down_proj"] = ffn.down_proj
         if ffn.shared_expert is not None:

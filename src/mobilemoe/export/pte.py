@@ -32,15 +32,12 @@ from mobilemoe.quantize import GROUP_SIZE, quantize_int4
 
 
 class GatheredInt4Experts(nn.Module):
-    """Top-k routing + only the selected experts, from INT4 stacked weights, in ops ExecuTorch runs."""
+    """The model's own `Router` + only the selected experts, from INT4 stacked weights, in ops ExecuTorch runs."""
 
     def __init__(self, moe: MoE):
         super().__init__()
-        c = moe.cfg
-        self.top_k, self.sigmoid, self.norm_topk_prob = c.top_k, c.router == "sigmoid", c.norm_topk_prob
-        self.scaling, self.expert_size = c.routed_scaling_factor, c.expert_size
-        self.register_buffer("router", moe.router.weight.detach().float().clone())
-        self.register_buffer("expert_bias", moe.expert_bias.detach().float().clone())
+        self.top_k, self.expert_size = moe.cfg.top_k, moe.cfg.expert_size
+        self.router = copy.deepcopy(moe.router).float()
         for name in ("gate_up_proj", "down_proj"):
             packed, scales = quantize_int4(getattr(moe, name).detach())
             self.register_buffer(f"{name}_packed", packed)
@@ -63,16 +60,8 @@ class GatheredInt4Experts(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         n_tokens = x.shape[0]
-        logits = F.linear(x.float(), self.router)
-        if self.sigmoid:
-            scores = torch.sigmoid(logits)
-            experts = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
-            weights = scores.gather(-1, experts)
-        else:
-            weights, experts = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-        weights = weights * self.scaling
+        routing = self.router(x)
+        experts, weights = routing.experts, routing.weights
 
         flat = experts.reshape(-1)
         xk = x.unsqueeze(1).expand(n_tokens, self.top_k, shape[-1]).reshape(-1, shape[-1])

@@ -125,7 +125,7 @@ def _layout(model: Transformer, rope_layout: RopeLayout, to_ours: bool
             out |= {p + "feed_forward.router.weight": (ffn.router.weight, same),
                     p + "feed_forward.experts.gate_up_proj": (ffn.gate_up_proj, transpose),
                     p + "feed_forward.experts.down_proj": (ffn.down_proj, transpose),
-                    p + EXPERT_BIAS_NAMES[0]: (ffn.expert_bias, same)}
+                    p + EXPERT_BIAS_NAMES[0]: (ffn.router.expert_bias, same)}
     return out
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.model import Attention, FeedForward, ModelOutput, MoE, Transformer, rope_frequencies
-from mobilemoe.moe import route_tokens
+from mobilemoe.moe import Router
 from mobilemoe.quantize import GROUP_SIZE, unpack_int4
 
 COMPUTE_DTYPE = torch.bfloat16  # what aten's CPU int4 kernel takes as activations
@@ -172,11 +172,11 @@ class Int4FeedForward(nn.Module):
 class Int4MoE(nn.Module):
     """INT4 MoE layer: route (fp32), routed experts through `int4_experts`, plus the shared expert."""
 
-    def __init__(self, cfg: ModelConfig, router: Tensor, expert_bias: Tensor, gate_up: tuple[Tensor, Tensor],
+    def __init__(self, cfg: ModelConfig, router: Router, gate_up: tuple[Tensor, Tensor],
                  down: tuple[Tensor, Tensor], shared: Int4FeedForward | None):
         super().__init__()
         self.cfg = cfg
-        self.router_weight, self.expert_bias = router.float(), expert_bias.float()
+        self.router = router.float()
         self.gate_up, self.gate_up_sz = pack_stacked_for_cpu_kernel(*gate_up)
         self.down, self.down_sz = pack_stacked_for_cpu_kernel(*down)
         self.shared_expert = shared
@@ -184,9 +184,7 @@ class Int4MoE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
-        c = self.cfg
-        r = route_tokens(x, self.router_weight, self.expert_bias, c.top_k, c.router, c.norm_topk_prob,
-                         c.routed_scaling_factor, 0.0, 0.0)
+        r = self.router(x)
         y = int4_experts(x, r.experts, r.weights, self.gate_up, self.gate_up_sz, self.down, self.down_sz)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
@@ -224,8 +222,9 @@ def build_int4_model(cfg: ModelConfig, tensors: dict[str, Tensor]) -> Transforme
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, MoE):
             shared = _int4_ffn(f"{name}.shared_expert", q) if module.shared_expert is not None else None
-            setattr(parent, attr, Int4MoE(cfg, tensors[f"{name}.router.weight"], tensors[f"{name}.expert_bias"],
-                                          q(f"{name}.gate_up_proj"), q(f"{name}.down_proj"), shared))
+            router = Router(cfg)
+            router.load_state_dict({key: tensors[f"{name}.router.{key}"] for key in router.state_dict()})
+            setattr(parent, attr, Int4MoE(cfg, router, q(f"{name}.gate_up_proj"), q(f"{name}.down_proj"), shared))
         elif isinstance(module, FeedForward) and ".shared_expert" not in name:
             setattr(parent, attr, _int4_ffn(name, q))
         elif isinstance(module, Attention):
