@@ -1,4 +1,4 @@
-"""Training: recipes, the one trainer for all four stages, distributed helpers, plots and the quickstart."""
+"""Training: recipes, the one trainer for all four stages, distributed helpers and plots."""
 
 from mobilemoe.train.recipe import Recipe, StageConfig, load_recipe
 from mobilemoe.train.trainer import run_recipe

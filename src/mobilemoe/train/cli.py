@@ -1,4 +1,4 @@
-"""Verbs of the training room: train, quickstart, plot."""
+"""Verbs of the training room: train, plot."""
 
 from __future__ import annotations
 
@@ -11,12 +11,6 @@ def _train(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe)
     run_recipe(recipe, args.out or f"runs/{recipe.name}", stage=args.stage, resume=args.resume,
                parallel_mode=args.parallel)
-
-
-def _quickstart(args: argparse.Namespace) -> None:
-    from mobilemoe.train.quickstart import quickstart
-
-    quickstart(fast=args.fast, out=args.out)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -36,12 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="data parallelism under torchrun (default ddp)")
     p.set_defaults(handler=_train)
-
-    p = sub.add_parser("quickstart", help="the main job: a tiny MobileMoE and its dense twin through all four "
-                       "stages on open data, evaluated, with a report (re-run to continue an interrupted one)")
-    p.add_argument("--fast", action="store_true", help="about 2 minutes instead of about 15")
-    p.add_argument("--out", default=None, help="output directory (default runs/quickstart[-fast])")
-    p.set_defaults(handler=_quickstart)
 
     p = sub.add_parser("plot", help="loss curves and expert-load heat maps of a run, as PNG")
     p.add_argument("run", help="run directory written by `mobilemoe train`")

@@ -1,23 +1,23 @@
 """The main job: a tiny MobileMoE and its dense twin (same active parameters) through all four stages on
 the embedded open data, then held-out losses, the QAT-vs-PTQ gap, benchmark scores and a report.
 
-Re-running continues where an interrupted run stopped (finished stages are skipped).
+Re-running continues where an interrupted run stopped (finished stages are skipped). It sits above the
+rooms it drives (train, eval), so training never depends on evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from mobilemoe.checkpoint import load_model, save_model
-from mobilemoe.io import atomic_write_text
+from mobilemoe.io import atomic_write_json, atomic_write_text
 from mobilemoe.train.recipe import Recipe, load_recipe
 from mobilemoe.train.trainer import heldout_loss, run_recipe
 from mobilemoe.ui import console
 
-RECIPES = Path(__file__).resolve().parents[3] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 MODELS = ("tiny-moe", "tiny-dense")
 
 
@@ -59,7 +59,7 @@ def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     quant = {"float (SFT)": loss(sft_final, sft), "PTQ INT4 (SFT weights)": loss(ptq_dir, sft),
              "QAT INT4": loss(run_dir / qat.name / "final", sft)}
     result = {"stages": stages, "quantization": quant, "benchmarks": benchmark_scores(run_dir / qat.name / "final")}
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(run_dir / "eval.json", result)
     return result
 
 
