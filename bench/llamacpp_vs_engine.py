@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/llamacpp_vs_engine.py [--layers 20] [--prompt 256] [--context 256] [--steps 16]
 
-The model is MobileMoE-S (random weights) without llama3 RoPE scaling, which llama.cpp's dots1 graph
-cannot compute (the speed is the same). Our INT4 checkpoint tensors (group 32, fp16 scales) go to the
+The model is MobileMoE-S (random weights) as the paper configures it, llama3 RoPE scaling included (GGUF
+architecture exaone-moe, GQA kept, see docs/interop.md). Our INT4 checkpoint tensors (group 32, fp16 scales) go to the
 engine; the same float weights go to GGUF as q4_0, llama.cpp's format with the same layout (32 values,
 one fp16 scale), through `mobilemoe export gguf`'s writer. The router and norms stay f32 in both.
 Prompts are real text (Moby Dick as byte ids); batch 1, the same threads for both; the two take turns
@@ -43,7 +43,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = resolve_model_config({"preset": "mobilemoe-s", "n_layers": args.layers, "rope_scaling": None})
+    cfg = resolve_model_config({"preset": "mobilemoe-s", "n_layers": args.layers})
     console.print(f"building {cfg.name} ({args.layers} layers) in float, INT4 and GGUF q4_0 ...")
     with torch.no_grad():
         model = Transformer(cfg).eval()

@@ -56,21 +56,49 @@ def llama_cpp_run(path, ids: list[int], n_new: int) -> tuple[np.ndarray, list[in
         llm.close()
 
 
-def test_gguf_f32_greedy_and_q8_logits_match(loaded, tmp_path):
+SCALED_ROPE = {"factor": 16.0, "original_max_position": 64}  # low frequencies of micro's head_dim 16 scaled
+
+
+@pytest.mark.parametrize("overrides, arch", [
+    ({"rope_scaling": SCALED_ROPE}, "exaone-moe"),
+    ({"n_shared_experts": 0, "shared_expert_size": 0}, "exaone-moe"),
+    ({"preset": "micro-dense", "qk_norm": False, "rope_scaling": SCALED_ROPE}, "llama"),
+    ({"preset": "micro-dense"}, "qwen3"),
+], ids=["moe-llama3-rope", "moe-no-shared", "dense-llama3-rope", "dense-qk-norm"])
+def test_gguf_f32_greedy_and_q8_logits_match(overrides, arch, tmp_path):
+    import gguf
+
     from mobilemoe.export.gguf import export_gguf
 
-    ids = loaded.tokenizer.encode(PROMPT)
+    loaded = tiny_model(**overrides)
+    cfg = loaded.model.cfg
+    if not cfg.qk_norm:  # sharpen attention (random q.k is tiny) so the RoPE frequencies show in the logits
+        with torch.no_grad():
+            for block in loaded.model.layers:
+                block.attn.q_proj.weight.mul_(10)
+                block.attn.k_proj.weight.mul_(10)
+    ids = loaded.tokenizer.encode(" ".join(TEXTS[:3]))  # ~30 positions: long enough for the scaled frequencies
     with torch.no_grad():
         ref = loaded.model(torch.tensor([ids])).logits[0].numpy()
     want = greedy(loaded.model, ids, 8)
 
-    logits, got = llama_cpp_run(export_gguf(loaded, tmp_path / "m.gguf", "f32"), ids, 8)
+    path = export_gguf(loaded, tmp_path / "m.gguf", "f32")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["general.architecture"].contents() == arch
+    assert fields[f"{arch}.attention.head_count_kv"].contents() == cfg.n_kv_heads < cfg.n_heads  # GQA kept
+    logits, got = llama_cpp_run(path, ids, 8)
     assert got == want
     assert np.abs(logits - ref).max() / np.abs(ref).max() < 1e-3
 
     logits, _ = llama_cpp_run(export_gguf(loaded, tmp_path / "m8.gguf", "q8_0"), ids, 0)
     assert np.abs(logits - ref).max() / np.abs(ref).max() < 5e-2  # a near-tie expert may flip at q8_0
     assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+    if cfg.rope_scaling is not None:  # the scaling matters here, so a GGUF without rope_freqs would fail above
+        unscaled = Transformer(resolve_model_config({**cfg.to_dict(), "rope_scaling": None})).eval()
+        unscaled.load_state_dict(loaded.model.state_dict())
+        with torch.no_grad():
+            assert np.abs(unscaled(torch.tensor([ids])).logits[0].numpy() - ref).max() / np.abs(ref).max() > 1e-2
 
 
 def test_gguf_tokenizer_matches_ours(loaded, tmp_path):
@@ -91,9 +119,9 @@ def test_gguf_refuses_bad_input_without_leaving_a_file(loaded, tmp_path):
 
     with pytest.raises(MobileMoEError, match="K-quants"):
         export_gguf(loaded, tmp_path / "a.gguf", "q4_k_m")
-    scaled = tiny_model(rope_scaling={"factor": 8.0})
-    with pytest.raises(MobileMoEError, match="RoPE scaling"):
-        export_gguf(scaled, tmp_path / "b.gguf", "f32")
+    interleaved = tiny_model(n_layers=2, moe_layer_step=2, ffn_size=128)
+    with pytest.raises(MobileMoEError, match="interleaved dense and MoE"):
+        export_gguf(interleaved, tmp_path / "b.gguf", "f32")
     assert list(tmp_path.iterdir()) == []
 
 

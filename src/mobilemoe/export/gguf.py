@@ -1,22 +1,35 @@
-"""GGUF export for llama.cpp, onto its `dots1` architecture.
+"""GGUF export for llama.cpp: each of our models onto the llama.cpp architecture that computes it exactly.
 
-llama.cpp's dots1 graph is our MoE block op for op: RMSNorm'd per-head q/k (we write all-ones norm
-weights, since our QK-norm has no learned scale) before NeoX (rotate-half) RoPE, GQA, then
-`build_moe_ffn` with sigmoid (or softmax) gating, a selection-only bias (`exp_probs_b`), optional top-k
-renormalisation and a scale (`expert_weights_scale`), plus one unweighted shared SwiGLU. dots1 requires
-an `output` tensor, so the tied embedding is written twice (token_embd and output). llama.cpp 0.3.36's dots1
-loader also sizes K/V as n_head x head_dim (multi-head only), so GQA is written as the equivalent MHA:
-every K/V head repeated for the query heads that share it. Exact, but K/V weights and the KV cache grow
-by n_heads / n_kv_heads.
+| our model | llama.cpp architecture | why that one |
+|---|---|---|
+| dense, no QK-norm (MobileLLM, SmolLM2) | `llama` | reads `rope_freqs` (llama3 scaling), GQA |
+| dense, QK-norm, no RoPE scaling | `qwen3` | per-head RMS q/k norm before NeoX RoPE, GQA |
+| MoE, QK-norm | `exaone-moe` | sigmoid routing + selection bias, shared expert, q/k norm, GQA, rope_freqs |
 
-Not representable (refused): dense or interleaved-dense layers (`moe_layer_step > 1`, dots1 only has
-leading dense blocks), llama3 RoPE scaling (dots1 passes no frequency factors to RoPE), a shared expert
-whose width is not a multiple of the routed expert size. A model without shared experts gets one
-all-zero shared expert, which adds exactly nothing.
+Checked in the llama.cpp vendored by llama-cpp-python 0.3.36 (`src/models/*.cpp`). `dots1`, which we wrote
+before, has the same MoE block but sizes K/V as n_head x head_dim (GQA only as repeated heads, 3x the KV
+cache for MobileMoE-S) and passes no frequency factors to RoPE, so the paper's presets (llama3 scaling,
+factor 16) could not be exported to it.
+
+Details each mapping relies on:
+- llama3 RoPE scaling is the `rope_freqs` tensor llama.cpp's own converter writes for Llama 3.1 (per
+  frequency, the factor its wavelength is divided by); `ggml_rope_ext` divides each theta by it, which is our
+  `rope_frequencies` exactly.
+- `llama` rotates adjacent pairs (RoPE "norm" mode); we rotate halves (NeoX), so q/k rows are permuted per
+  head the way `convert_hf_to_gguf.py`'s `LlamaModel.permute` does for HF checkpoints (same scores).
+- `exaone-moe` applies RoPE only on sliding-window layers (its global layers have none), so every layer is
+  written as sliding-window with a window of the full context: full attention with RoPE everywhere.
+- q/k norms: ours has no learned scale, so the GGUF norm weights are ones.
+- A model without shared experts gets one all-zero shared expert (exaone-moe requires the tensors; adds 0).
+
+Refused (not computed exactly by any of these): interleaved dense/MoE layers (`moe_layer_step > 1`), MoE
+without QK-norm, dense QK-norm models with llama3 RoPE scaling (qwen3 reads no `rope_freqs`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,28 +40,28 @@ from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export import as_loaded
 from mobilemoe.io import atomic_file
+from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import Tokenizer
 
 QUANTS = ("q4_0", "q8_0", "f16", "f32")
-ARCH = "dots1"
 
 
-def check_representable(cfg: ModelConfig) -> None:
-    """Raise MobileMoEError naming the first option llama.cpp's dots1 graph cannot compute exactly."""
+def architecture(cfg: ModelConfig) -> str:
+    """The llama.cpp architecture a model is written as; MobileMoEError naming what none can compute."""
     problems = []
-    if not cfg.is_moe or cfg.moe_layer_step != 1:
-        problems.append("dense layers (llama.cpp dots1 computes every layer as MoE; export MoE models with "
-                        "moe_layer_step 1)")
-    if cfg.rope_scaling is not None:
-        problems.append("llama3 RoPE scaling (dots1 has no RoPE frequency factors; the exported model would "
-                        "compute different attention)")
-    if not cfg.tie_embeddings:
-        problems.append("untied output head (not exported yet)")
-    shared = cfg.n_shared_experts * cfg.shared_expert_size
-    if cfg.is_moe and shared % cfg.expert_size:
-        problems.append(f"shared expert width {shared} is not a multiple of the expert size {cfg.expert_size}")
+    if cfg.is_moe and cfg.moe_layer_step != 1:
+        problems.append("interleaved dense and MoE layers (moe_layer_step > 1; llama.cpp's MoE graphs with a "
+                        "shared expert and selection bias only have leading dense blocks)")
+    if cfg.is_moe and not cfg.qk_norm:
+        problems.append("MoE without QK-norm (exaone-moe always normalises q/k)")
+    if not cfg.is_moe and cfg.qk_norm and cfg.rope_scaling is not None:
+        problems.append("a dense QK-norm model with llama3 RoPE scaling (qwen3 reads no rope_freqs; train with "
+                        "rope_scaling: null or without qk_norm)")
     if problems:
         raise MobileMoEError(f"cannot export model '{cfg.name}' to GGUF/llama.cpp exactly: " + "; ".join(problems))
+    if cfg.is_moe:
+        return "exaone-moe"
+    return "qwen3" if cfg.qk_norm else "llama"
 
 
 def export_gguf(source: str | Path | LoadedModel, path: str | Path, quant: str = "q8_0",
@@ -64,17 +77,17 @@ def export_gguf(source: str | Path | LoadedModel, path: str | Path, quant: str =
                              f"{', '.join(QUANTS)} (K-quants need llama.cpp's own llama-quantize)")
     loaded = as_loaded(source)
     cfg, tokenizer = loaded.model.cfg, tokenizer or loaded.tokenizer
-    check_representable(cfg)
+    arch = architecture(cfg)
     if tokenizer is None:
         raise MobileMoEError(f"{loaded.path} has no tokenizer.json; llama.cpp needs the vocabulary in the GGUF")
     if tokenizer.vocab_size > cfg.vocab_size:
         raise MobileMoEError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
 
     with atomic_file(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, ARCH)
-        _write_hparams(writer, cfg, quant)
+        writer = gguf.GGUFWriter(tmp, arch)
+        _write_hparams(writer, cfg, arch, quant)
         _write_tokenizer(writer, tokenizer, cfg.vocab_size)
-        for name, tensor in _gguf_tensors(loaded.model):
+        for name, tensor in _gguf_tensors(loaded.model, arch):
             _add_tensor(writer, name, tensor, quant)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -83,30 +96,35 @@ def export_gguf(source: str | Path | LoadedModel, path: str | Path, quant: str =
     return Path(path)
 
 
-def _write_hparams(writer, cfg: ModelConfig, quant: str) -> None:
+def _write_hparams(writer, cfg: ModelConfig, arch: str, quant: str) -> None:
     import gguf
 
-    shared = cfg.n_shared_experts * cfg.shared_expert_size
     writer.add_name(cfg.name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
+    writer.add_vocab_size(cfg.vocab_size)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.d_model)
     writer.add_block_count(cfg.n_layers)
     writer.add_feed_forward_length(cfg.ffn_size or cfg.expert_size)
     writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv(cfg.n_heads)  # GQA written as MHA, see module docstring
+    writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    if arch != "exaone-moe":
+        return
+    # Every layer sliding-window (the only layers exaone-moe ropes) with a window of the whole context.
+    writer.add_sliding_window(cfg.max_seq_len)
+    writer.add_sliding_window_pattern(0)  # 0: every layer is a sliding-window layer
     writer.add_leading_dense_block_count(0)
     writer.add_expert_count(cfg.n_routed_experts)
     writer.add_expert_used_count(cfg.top_k)
     writer.add_expert_feed_forward_length(cfg.expert_size)
-    # At least one shared expert: dots1 requires the tensors; a missing one is written as zeros.
-    writer.add_expert_shared_count(max(1, shared // cfg.expert_size))
+    writer.add_expert_shared_count(1)
+    writer.add_expert_shared_feed_forward_length(cfg.n_shared_experts * cfg.shared_expert_size or cfg.expert_size)
     writer.add_expert_weights_scale(cfg.routed_scaling_factor)
     writer.add_expert_weights_norm(cfg.norm_topk_prob)
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.router == "sigmoid"
@@ -114,7 +132,7 @@ def _write_hparams(writer, cfg: ModelConfig, quant: str) -> None:
 
 
 def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
-    """Our byte-level BPE as llama.cpp's gpt2 tokenizer (same byte-to-unicode map and pre-split regex)."""
+    """Our byte-level BPE as llama.cpp's gpt2 tokenizer (same byte-to-unicode map; pre-split regex by name)."""
     import gguf
 
     vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
@@ -125,7 +143,7 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
         tokens[i] = token
         types[i] = gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(_merges(tokenizer))
@@ -143,36 +161,61 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role
                  "{% endif %}")
 
 
-def _merges(tokenizer: Tokenizer) -> list[str]:
-    import json
+def _pre_tokenizer_name(tokenizer: Tokenizer) -> str:
+    """llama.cpp's name for the tokenizer's pre-split: `gpt-2` (plain byte-level) or `smollm` (digits split
+    one by one first, as SmolLM2's); other pre-tokenizers are refused rather than silently re-split."""
+    pre = json.loads(tokenizer.hf.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    digits = {"type": "Split", "pattern": {"Regex": "\\p{N}"}, "behavior": "Isolated", "invert": False}
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") or steps[:1] == [digits] and \
+            kinds == ["Split", "ByteLevel"]:
+        return "smollm"
+    raise MobileMoEError(f"tokenizer {tokenizer.source}: pre-tokenizer {kinds} has no llama.cpp equivalent this "
+                         "exporter knows (gpt-2 byte-level, or digits split then byte-level as smollm)")
 
+
+def _merges(tokenizer: Tokenizer) -> list[str]:
     merges = json.loads(tokenizer.hf.to_str())["model"]["merges"]
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
-def _gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor in PyTorch [out, in] order) for every tensor llama.cpp's dots1 loads."""
+def _gguf_tensors(model: Transformer, arch: str) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor in PyTorch [out, in] order) for every tensor the architecture loads."""
     cfg = model.cfg
-    ones = torch.ones(cfg.head_dim)
-    out = [("token_embd.weight", model.embed.weight), ("output.weight", model.embed.weight),
-           ("output_norm.weight", model.norm.weight)]
+    head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+    out = [("token_embd.weight", model.embed.weight), ("output_norm.weight", model.norm.weight)]
+    # llama and qwen3 tie a missing output to token_embd; exaone-moe requires the tensor.
+    if model.lm_head is not None or arch == "exaone-moe":
+        out.append(("output.weight", head))
+    if cfg.rope_scaling is not None:
+        out.append(("rope_freqs.weight", _rope_factors(cfg)))
     for i, block in enumerate(model.layers):
-        a, moe = block.attn, block.ffn
+        a, ffn = block.attn, block.ffn
         p = f"blk.{i}."
+        q, k = a.q_proj.weight, a.k_proj.weight
+        if arch == "llama":
+            q, k = _rotate_half_to_pairs(q, cfg.n_heads), _rotate_half_to_pairs(k, cfg.n_kv_heads)
         out += [(p + "attn_norm.weight", block.attn_norm.weight), (p + "ffn_norm.weight", block.ffn_norm.weight),
-                (p + "attn_q.weight", a.q_proj.weight), (p + "attn_output.weight", a.o_proj.weight),
-                (p + "attn_k.weight", _repeat_kv_heads(a.k_proj.weight, cfg)),
-                (p + "attn_v.weight", _repeat_kv_heads(a.v_proj.weight, cfg)),
-                # QK-norm without learned scale == RMSNorm with a weight of ones.
-                (p + "attn_q_norm.weight", ones), (p + "attn_k_norm.weight", ones),
-                (p + "ffn_gate_inp.weight", moe.router.weight),
-                (p + "exp_probs_b.bias", moe.router.expert_bias if cfg.router == "sigmoid" else torch.zeros_like(
-                    moe.router.expert_bias)),
-                (p + "ffn_gate_exps.weight", moe.gate_up_proj[:, : cfg.expert_size]),
-                (p + "ffn_up_exps.weight", moe.gate_up_proj[:, cfg.expert_size:]),
-                (p + "ffn_down_exps.weight", moe.down_proj)]
-        if moe.shared_expert is not None:
-            s = moe.shared_expert
+                (p + "attn_q.weight", q), (p + "attn_k.weight", k), (p + "attn_v.weight", a.v_proj.weight),
+                (p + "attn_output.weight", a.o_proj.weight)]
+        if cfg.qk_norm:  # QK-norm without learned scale == RMSNorm with a weight of ones
+            out += [(p + "attn_q_norm.weight", torch.ones(cfg.head_dim)),
+                    (p + "attn_k_norm.weight", torch.ones(cfg.head_dim))]
+        if not cfg.is_moe:
+            out += [(p + "ffn_gate.weight", ffn.gate_proj.weight), (p + "ffn_up.weight", ffn.up_proj.weight),
+                    (p + "ffn_down.weight", ffn.down_proj.weight)]
+            continue
+        out += [(p + "ffn_gate_inp.weight", ffn.router.weight),
+                (p + "exp_probs_b.bias", ffn.router.expert_bias if cfg.router == "sigmoid" else torch.zeros_like(
+                    ffn.router.expert_bias)),
+                (p + "ffn_gate_exps.weight", ffn.gate_up_proj[:, : cfg.expert_size]),
+                (p + "ffn_up_exps.weight", ffn.gate_up_proj[:, cfg.expert_size:]),
+                (p + "ffn_down_exps.weight", ffn.down_proj)]
+        if ffn.shared_expert is not None:
+            s = ffn.shared_expert
             out += [(p + "ffn_gate_shexp.weight", s.gate_proj.weight), (p + "ffn_up_shexp.weight", s.up_proj.weight),
                     (p + "ffn_down_shexp.weight", s.down_proj.weight)]
         else:
@@ -182,17 +225,38 @@ def _gguf_tensors(model) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _repeat_kv_heads(weight: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """[n_kv_heads*hd, D] -> [n_heads*hd, D]: query head h reads kv head h // group, as in our attention."""
-    heads = weight.reshape(cfg.n_kv_heads, cfg.head_dim, -1)
-    return heads.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=0).reshape(cfg.n_heads * cfg.head_dim, -1)
+def _rope_factors(cfg: ModelConfig) -> torch.Tensor:
+    """llama3 scaling as llama.cpp's `rope_freqs`: per frequency, the divisor of its theta (as written by
+    convert_hf_to_gguf.py for Llama 3.1; equals base_inv_freq / our scaled inv_freq)."""
+    s, dim = cfg.rope_scaling, cfg.head_dim
+    freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    low_freq_wavelen = s.original_max_position / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position / s.high_freq_factor
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(s.factor)
+        else:
+            smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+            factors.append(1 / ((1 - smooth) / s.factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+def _rotate_half_to_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Per head, rows (i, i + hd/2) -> (2i, 2i + 1): our rotate-half RoPE as llama's adjacent-pair RoPE
+    (convert_hf_to_gguf.py's LlamaModel.permute)."""
+    return (weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def _add_tensor(writer, name: str, tensor: torch.Tensor, quant: str) -> None:
     import gguf
 
     data = tensor.detach().float().contiguous().numpy()
-    # Norms, the selection bias and the router stay f32 (llama.cpp's converter does the same).
+    # Norms, the selection bias, rope factors and the router stay f32 (llama.cpp's converter does the same).
     keep_f32 = data.ndim < 2 or "ffn_gate_inp" in name
     if quant == "f32" or keep_f32:
         writer.add_tensor(name, data)
