@@ -5,13 +5,16 @@ A data recipe (YAML):
     name: embedded
     seed: 0
     val_fraction: 0.02          # documents held out per source (at least 1, at most val_max_docs)
-    tokenizer: {train_bpe: 4096}  # or {path: path/to/tokenizer.json or a tokenizer dir}
+    tokenizer: {train_bpe: 4096}  # or {path: a tokenizer.json, or a directory with one, e.g. a checkpoint}
     sources:                    # name -> kind (pretrain | midtrain | sft) and where the documents come from
       prose: {kind: pretrain, from: [embedded:moby-dick, registry:sotu, ./my_texts/, data.jsonl]}
       chat:  {kind: sft, from: [{hf: HuggingFaceH4/ultrachat_200k, split: train_sft, limit: 20000}]}
     leakage: {ngram: 13, benchmarks: [path/to/benchmark.jsonl]}   # optional: drop training docs that share
                                                                   # an n-gram with benchmark text
 
+A `path` tokenizer (e.g. an imported checkpoint's, so the data is in that model's vocabulary) is used as is;
+its files' sha256 (tokenizer.json, and the tokenizer_config.json beside it that holds a model's chat template)
+are part of the cache key, so data prepared with another tokenizer is never reused.
 The output directory (default `<cache>/prepared/<name>-<hash of the recipe>`) holds `tokenizer.json`,
 `manifest.json` and `<source>/<split>/` shards; it is written whole into a temporary sibling and renamed,
 so it either exists complete or not at all, and a finished one is never rebuilt.
@@ -41,6 +44,12 @@ KINDS = ("pretrain", "midtrain", "sft")
 FORMAT_VERSION = 1  # bump when the shard/manifest layout changes, so caches are rebuilt
 
 
+def resolve_path(path: str | Path, base: Path) -> Path:
+    """A recipe's path: as given if absolute or present from the working directory, else under the recipe's."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() or path.exists() else base / path
+
+
 @dataclass
 class Input:
     """One place documents come from: `embedded:<name>`, `registry:<name>`, `hf:<name>` or a path."""
@@ -68,8 +77,7 @@ class Input:
             yield doc
 
     def path(self, base: Path) -> Path:
-        path = Path(self.uri).expanduser()
-        return path if path.is_absolute() or path.exists() else base / path
+        return resolve_path(self.uri, base)
 
     def licence(self) -> str:
         scheme, _, rest = self.uri.partition(":")
@@ -157,9 +165,10 @@ def recipe_key(recipe: DataRecipe) -> str:
             files = sorted(path.rglob("*")) if path.is_dir() else [path]
             parts["files"][item.uri] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files
                                         if f.is_file()]
-    if "path" in recipe.tokenizer:
-        tok = Path(recipe.tokenizer["path"])
-        parts["tokenizer_file"] = (tok.stat().st_size, tok.stat().st_mtime_ns) if tok.exists() else None
+    if "path" in recipe.tokenizer:  # the tokenizer's content (and its chat template, if it has one beside it)
+        file = tokenizer_file(recipe)
+        parts["tokenizer_sha256"] = [hashlib.sha256(f.read_bytes()).hexdigest()
+                                     for f in (file, file.with_name("tokenizer_config.json")) if f.is_file()]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -276,11 +285,21 @@ def split_docs(docs: list[D.Document], recipe: DataRecipe, index: int) -> tuple[
     return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
 
 
+def tokenizer_file(recipe: DataRecipe) -> Path:
+    """The tokenizer.json a `{path: ...}` tokenizer names (the file, or the one in a checkpoint directory)."""
+    path = resolve_path(recipe.tokenizer["path"], recipe.base_dir)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise MobileMoEError(f"data recipe '{recipe.name}': tokenizer path {path} is not a tokenizer.json nor a "
+                             "directory holding one (e.g. a checkpoint written by `mobilemoe import`); import or "
+                             "train that model first, or fix the path")
+    return file
+
+
 def build_tokenizer(recipe: DataRecipe, train_docs: dict[str, list[D.Document]]) -> Tokenizer:
     spec = recipe.tokenizer
     if "path" in spec:
-        path = Path(spec["path"]).expanduser()
-        return Tokenizer.load(path if path.is_absolute() else recipe.base_dir / path)
+        return Tokenizer.load(tokenizer_file(recipe))
     budget = int(spec.get("train_chars", 20_000_000)) // len(train_docs)
 
     def sample() -> Iterator[str]:  # an equal share of characters from each source

@@ -1,4 +1,4 @@
-"""Verbs of the training room: train, plot."""
+"""Verbs of the training room: train, heldout, plot."""
 
 from __future__ import annotations
 
@@ -11,6 +11,15 @@ def _train(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe)
     run_recipe(recipe, args.out or f"runs/{recipe.name}", stage=args.stage, resume=args.resume,
                parallel_mode=args.parallel)
+
+
+def _heldout(args: argparse.Namespace) -> None:
+    from mobilemoe.train.heldout import heldout_losses, heldout_table
+    from mobilemoe.ui import console
+
+    rows = heldout_losses(args.recipe, args.checkpoints, stage=args.stage)
+    console.print(f"held-out loss on the val data of stage '{rows[0]['stage']}' of {args.recipe}")
+    console.print(heldout_table(rows), markup=False)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -30,6 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="data parallelism under torchrun (default ddp)")
     p.set_defaults(handler=_train)
+
+    p = sub.add_parser("heldout", help="held-out loss of checkpoints (float or INT4) on a recipe stage's val data, "
+                       "the number the trainer logs as val_loss")
+    p.add_argument("recipe", help="recipe YAML whose data and stage define the held-out set")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint directories")
+    p.add_argument("--stage", help="stage whose mixture, seq_len and eval_batches to use (default: the first sft "
+                   "stage)")
+    p.set_defaults(handler=_heldout)
 
     p = sub.add_parser("plot", help="loss curves and expert-load heat maps of a run, as PNG")
     p.add_argument("run", help="run directory written by `mobilemoe train`")

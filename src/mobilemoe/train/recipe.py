@@ -48,7 +48,9 @@ class StageConfig:
     checkpoint_every: int = 100
     keep_last: int = 2
     log_every: int = 10
-    init_from: str | None = None  # checkpoint dir; default: the previous stage's final weights
+    init_from: str | None = None  # checkpoint dir or an earlier stage's name; default: the previous stage's final
+    data_seed: int | None = None  # batch order; default from the recipe seed and stage position. Two stages with
+    # the same data_seed and mixture see the same batches (a controlled comparison, e.g. QAT vs more SFT)
 
     def validate(self, where: str) -> StageConfig:
         def need(ok: bool, name: str, why: str) -> None:
@@ -115,3 +117,10 @@ def parse_recipe(data: dict[str, Any], where: str = "recipe", base_dir: Path = P
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     return parse_recipe(read_mapping(path), where=str(path), base_dir=path.parent)
+
+
+def as_recipe(recipe: Recipe | str | Path | dict[str, Any]) -> Recipe:
+    """A recipe, a recipe file or a recipe mapping, as a Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    return parse_recipe(recipe) if isinstance(recipe, dict) else load_recipe(recipe)

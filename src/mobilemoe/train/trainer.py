@@ -33,7 +33,7 @@ from mobilemoe.io import atomic_dir, atomic_write_json
 from mobilemoe.model import Transformer, count_parameters
 from mobilemoe.quantize import prepare_qat
 from mobilemoe.train import parallel
-from mobilemoe.train.recipe import Recipe, StageConfig, load_recipe, parse_recipe
+from mobilemoe.train.recipe import Recipe, StageConfig, as_recipe
 from mobilemoe.ui import console, progress
 
 
@@ -83,10 +83,7 @@ class StageTrainer:
         model = Transformer(self.cfg)
         if init_dir is not None:
             loaded = load_model(init_dir)
-            if loaded.model.cfg != self.cfg:
-                raise MobileMoEError(f"stage '{stage.name}' starts from {init_dir}, a '{loaded.model.cfg.name}' "
-                                     f"model whose config differs from the recipe's model '{self.cfg.name}'; "
-                                     "point init_from at a checkpoint of this architecture")
+            check_same_architecture(loaded.model.cfg, self.cfg, f"stage '{stage.name}' starts from {init_dir}, a")
             model.load_state_dict(loaded.model.state_dict())
         if stage.kind == "qat":
             prepare_qat(model)
@@ -101,8 +98,9 @@ class StageTrainer:
         from mobilemoe.data import PackedBatches
 
         sources = [(data.shard_dir(name, "train"), weight) for name, weight in self._mixture()]
+        data_seed = recipe.seed + 1000 * stage_index if stage.data_seed is None else stage.data_seed
         self.batches = PackedBatches(sources, seq_len=stage.seq_len, batch_size=stage.batch_size,
-                                     seed=recipe.seed + 1000 * stage_index, rank=world.rank, world_size=world.size)
+                                     seed=data_seed, rank=world.rank, world_size=world.size)
         self.tokens_per_step = stage.batch_size * stage.seq_len * stage.grad_accum * world.size
         self.step, self.best_val = 0, math.inf
 
@@ -255,6 +253,37 @@ class StageTrainer:
             save_model(path, self.raw_model, self.tokenizer, tensors=weights)
 
 
+# The fields that fix the tensors' shapes and how they are wired: a checkpoint trains under a recipe's model
+# only if these agree. The others (its name, RoPE base, norm epsilon, context length, balancing knobs) may
+# differ; the recipe's values are used, and a change to how the weights compute is printed.
+ARCHITECTURE_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "qk_norm",
+                       "tie_embeddings", "ffn_size", "n_routed_experts", "expert_size", "top_k", "n_shared_experts",
+                       "shared_expert_size", "moe_layer_step", "router")
+NOT_COMPUTE_FIELDS = ("name", "max_seq_len", "bias_update_rate", "aux_loss_coef", "z_loss_coef")
+
+
+def check_same_architecture(checkpoint: ModelConfig, recipe: ModelConfig, what: str) -> None:
+    """Refuse a checkpoint whose architecture differs from the recipe's model; print other differences."""
+    ours, theirs = checkpoint.to_dict(), recipe.to_dict()
+    differ = [f"{k} {ours[k]} vs {theirs[k]}" for k in ARCHITECTURE_FIELDS if ours[k] != theirs[k]]
+    if differ:
+        raise MobileMoEError(f"{what} '{checkpoint.name}' model whose architecture differs from the recipe's model "
+                             f"'{recipe.name}' ({'; '.join(differ)}); point init_from at a checkpoint of this "
+                             "architecture, or make the recipe's model match it")
+    changed = [f"{k} {ours[k]} -> {theirs[k]}" for k in ours
+               if k not in ARCHITECTURE_FIELDS + NOT_COMPUTE_FIELDS and not _close(ours[k], theirs[k])]
+    if changed:
+        console.print(f"[yellow]note[/]: {what} '{checkpoint.name}' model, trained here with the recipe's values: "
+                      + "; ".join(changed))
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Equal, with floats compared to 1e-6 relative (an f32 1e-5 read back from a file is 9.9999997e-06)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, data: Any, mixture: list[tuple[str, float]], seq_len: int, batch_size: int,
                  max_batches: int) -> float:
@@ -306,10 +335,7 @@ def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: s
 
     A stage whose `final/` exists is done and skipped. Returns the summary also written to summary.json.
     """
-    if isinstance(recipe, str | Path):
-        recipe = load_recipe(recipe)
-    elif isinstance(recipe, dict):
-        recipe = parse_recipe(recipe)
+    recipe = as_recipe(recipe)
     out = Path(out_dir)
     world = parallel.init_world()
     from mobilemoe.data import prepare
@@ -346,6 +372,13 @@ def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: s
 
 def _stage_input(recipe: Recipe, index: int, out: Path) -> Path | None:
     stage = recipe.stages[index]
+    if stage.init_from in [s.name for s in recipe.stages[:index]]:  # an earlier stage of this run
+        path = out / stage.init_from / "final"
+        if not (path / "config.json").is_file():
+            raise MobileMoEError(f"stage '{stage.name}' starts from stage '{stage.init_from}''s final weights at "
+                                 f"{path}, which do not exist: run `mobilemoe train ... --stage {stage.init_from}` "
+                                 "first")
+        return path
     if stage.init_from:
         path = Path(stage.init_from)
         if not (path / "config.json").is_file():

@@ -1,0 +1,40 @@
+"""`mobilemoe heldout`: held-out loss of any checkpoints on a recipe stage's validation data.
+
+The same number the trainer logs as `val_loss` for that stage (same data, rows and batches), so a parent
+model, a stage's output and an INT4 checkpoint (loaded dequantized) are compared on equal terms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mobilemoe.checkpoint import load_model
+from mobilemoe.train.recipe import Recipe, as_recipe
+from mobilemoe.train.trainer import heldout_loss
+
+
+def heldout_losses(recipe: Recipe | str | Path | dict[str, Any], checkpoints: list[str | Path], stage: str | None = None
+                   ) -> list[dict[str, Any]]:
+    """[{checkpoint, model, int4, loss}] on the val split of `stage`'s mixture (default: the recipe's first
+    sft stage, else its first stage)."""
+    from mobilemoe.data import prepare
+
+    recipe = as_recipe(recipe)
+    s = recipe.stage(stage) if stage else next((s for s in recipe.stages if s.kind == "sft"), recipe.stages[0])
+    data = prepare(recipe.data_path(), quiet=True)
+    rows = []
+    for path in checkpoints:
+        loaded = load_model(path)
+        data.check_vocab(loaded.model.cfg.vocab_size)
+        loss = heldout_loss(loaded.model, data, list(s.mixture.items()), s.seq_len, s.batch_size, s.eval_batches)
+        rows.append({"checkpoint": str(path), "model": loaded.model.cfg.name, "int4": loaded.int4,
+                     "stage": s.name, "loss": loss})
+    return rows
+
+
+def heldout_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of `heldout_losses` rows."""
+    lines = ["| checkpoint | weights | held-out loss |", "|---|---|---|"]
+    lines += [f"| {r['checkpoint']} | {'INT4 g32' if r['int4'] else 'float'} | {r['loss']:.4f} |" for r in rows]
+    return "\n".join(lines)
