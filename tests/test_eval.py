@@ -104,6 +104,11 @@ def test_evaluate_float_and_int4_tables_and_compare(checkpoint, tmp_path, monkey
     save_model(tmp_path / "int4", loaded.model, loaded.tokenizer, int4=True)
     results = [evaluate(path, [local_task()], show_progress=False) for path in (checkpoint, tmp_path / "int4")]
     assert results[1]["int4"] and not results[0]["int4"]
+    # --int4 on the float checkpoint (PTQ in memory) computes exactly what the saved INT4 checkpoint computes
+    ptq = load_for_eval(checkpoint, int4=True)
+    assert ptq.int4 and torch.equal(ptq.model(torch.tensor([[1, 2, 3]])).logits,
+                                    load_for_eval(tmp_path / "int4").model(torch.tensor([[1, 2, 3]])).logits)
+    assert evaluate(checkpoint, [local_task()], show_progress=False, int4=True)["tasks"] == results[1]["tasks"]
     for r in results:
         assert set(r["tasks"]) == {"local_mc"} and r["average"] == r["tasks"]["local_mc"]["score"]
         assert "| local_mc | test | 5 | acc |" in r["table"]

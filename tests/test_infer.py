@@ -111,6 +111,20 @@ def test_compiled_decode_generates_the_eager_tokens(preset):
     assert compiled == eager
 
 
+
+@pytest.mark.parametrize("preset", ["micro-moe", "micro-dense"])
+def test_decode_step_is_one_graph_without_breaks(preset):
+    """What `compile_decode` hands torch.compile: one decode step over the static KV cache, as `generate_tokens`
+    runs it. A graph break would silently run part of every step eagerly."""
+    engine, _, _ = _models(preset)
+    engine.setup_cache(1, 32, torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(engine)(torch.tensor([[7]]), input_pos=torch.tensor([5]))
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 def test_moe_decode_kernel_equals_the_aten_path():
     if moe_decode_kernel() is None:
         pytest.skip("no C compiler here, or aten's int4pack layout is not the AVX-512 one the kernel reads")

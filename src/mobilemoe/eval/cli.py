@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from mobilemoe.errors import MobileMoEError
@@ -22,7 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or directory (default: the checkpoint's)")
-    p.add_argument("--out", default=None, help="output directory (default: eval_results/<model name>; "
+    p.add_argument("--int4", action="store_true", help="evaluate the INT4 post-training quantization (group 32) of a "
+                   "float model")
+    p.add_argument("--vs-lm-eval", action="store_true", help="score the tasks (default: piqa,hellaswag,winogrande,"
+                   "sciq) with lm-eval's own YAMLs and hf backend on the same weights too, side by side with ours")
+    p.add_argument("--out", default=None, help="output directory (default: eval_results/<model name>[-int4]; "
                    "with --compare: eval_results/compare)")
     p.add_argument("--compare", nargs="+", metavar="RESULTS", help="results.json files or their directories: "
                    "print a side-by-side table and write compare.md + compare.png")
@@ -42,17 +47,39 @@ def _eval(args: argparse.Namespace) -> None:
         _list_tasks()
     elif args.compare:
         _compare(args)
+    elif args.model and args.vs_lm_eval:
+        _vs_lm_eval(args)
     elif args.model:
         from mobilemoe.eval.runner import evaluate, write_results
 
         result = evaluate(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size,
-                          tokenizer=args.tokenizer)
+                          tokenizer=args.tokenizer, int4=args.int4)
         console.print(result["table"], markup=False)
-        out = Path(args.out) if args.out else Path("eval_results") / result["model"]
-        for path in write_results(result, out):
+        for path in write_results(result, _out_dir(args, result["model"])):
             console.print(f"wrote {path}")
     else:
         raise MobileMoEError("nothing to do: pass a model to evaluate, --compare RESULTS..., --fetch or --list-tasks")
+
+
+def _out_dir(args: argparse.Namespace, model: str) -> Path:
+    return Path(args.out) if args.out else Path("eval_results") / model.replace(" ", "-").lower()
+
+
+def _vs_lm_eval(args: argparse.Namespace) -> None:
+    from mobilemoe.eval.lm_eval_check import DEFAULT_CHECK, check_against_lm_eval
+    from mobilemoe.io import atomic_write_text
+    from mobilemoe.ui import console
+
+    if args.int4:
+        raise MobileMoEError("--vs-lm-eval checks the float model; drop --int4")
+    result = check_against_lm_eval(args.model, args.tasks or DEFAULT_CHECK, limit=args.limit,
+                                   batch_size=args.batch_size, tokenizer=args.tokenizer)
+    console.print(result["table"], markup=False)
+    out = _out_dir(args, result["model"] + "-vs-lm-eval")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "lm_eval_check.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "lm_eval_check.md", result["table"] + "\n")
+    console.print(f"wrote {out / 'lm_eval_check.json'} and lm_eval_check.md")
 
 
 def _list_tasks() -> None:

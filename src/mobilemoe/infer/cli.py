@@ -1,4 +1,4 @@
-"""Verbs of the inference room: generate, chat, bench."""
+"""Verbs of the inference room: generate, chat, serve, bench."""
 
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ def _generate(args: argparse.Namespace, chat: bool = False) -> None:
             return
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from mobilemoe.infer.serve import Server, serve
+
+    model, tokenizer, dtype = _load(args)
+    serve(Server(model, tokenizer, args.name or model.cfg.name, dtype), args.host, args.port)
+
+
 def _bench(args: argparse.Namespace) -> None:
     from mobilemoe.infer.bench import run_bench
 
@@ -70,6 +77,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--compile", action="store_true",
                        help="capture the decode step with torch.compile (faster decode after a one-off compile)")
         p.set_defaults(handler=lambda a, chat=(verb == "chat"): _generate(a, chat))
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, "
+                                     "/v1/models) over one checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("--int4", action="store_true", help="run INT4 weights through the engine's int4 kernels")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="model id clients send (default: the model config's name)")
+    p.set_defaults(handler=_serve)
 
     p = sub.add_parser("bench", help="INT4 prefill/decode speed and memory of presets, side by side")
     p.add_argument("--preset", default="mobilemoe-s")
