@@ -72,8 +72,9 @@ def save_model(directory: str | Path, model: Transformer, tokenizer: Tokenizer |
 def load_config(directory: str | Path) -> ModelConfig:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
-        raise MobileMoEError(f"{directory} is not a MobileMoE checkpoint: config.json is missing. Pass a directory "
-                             "written by `mobilemoe train` (e.g. runs/<name>/final/<stage>) or a preset name.")
+        problem = "config.json is missing" if directory.is_dir() else "no such directory"
+        raise MobileMoEError(f"{directory} is not a MobileMoE checkpoint: {problem}. Pass a checkpoint directory "
+                             "written by `mobilemoe train` (e.g. runs/<name>/<stage>/final) or `mobilemoe import`.")
     return ModelConfig.load(directory / "config.json")
 
 

@@ -7,10 +7,12 @@ nothing heavy; the heavy imports happen inside the handlers, so `mobilemoe --hel
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
-from mobilemoe.errors import MobileMoEError
+from mobilemoe.errors import MobileMoEError, explain
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -46,6 +48,8 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobilemoe", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (or set MOBILEMOE_DEBUG=1)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="<verb>")
     p = sub.add_parser("models", help="table of model presets: shapes, active/total params, INT4 bytes")
     p.add_argument("presets", nargs="*", help="preset names (default: all)")
@@ -76,11 +80,17 @@ def _room_registrars() -> list:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("MOBILEMOE_DEBUG", "") not in ("", "0")
     try:
         args.handler(args)
-    except MobileMoEError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:  # known user-facing failures become one message; anything else is a bug
+        message = explain(err)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, MobileMoEError) else 1)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -117,36 +120,116 @@ T = TypeVar("T")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
-    """Build a (possibly nested) dataclass from a dict; unknown keys are an error naming the key."""
+    """Build a (possibly nested) dataclass from a dict, each value checked against the field's annotation.
+
+    Unknown keys are an error naming the key; fields marked `metadata={"internal": True}` are not keys a
+    user writes. Values are coerced where YAML's number forms demand it (see `coerce`).
+    """
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = _resolved_hints(cls)
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {_shown(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
-        key = unknown[0]
+        key = str(unknown[0])
         close = difflib.get_close_matches(key, fields, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
         raise ConfigError(f"{where}: unknown key '{key}'{hint}")
-    kwargs = {}
-    for key, value in data.items():
-        nested = _dataclass_in(hints[key])
-        kwargs[key] = from_dict(nested, value, f"{where}.{key}") if nested and isinstance(value, dict) else value
-    return cls(**kwargs)
+    missing = [name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing key '{missing[0]}'")
+    return cls(**{key: coerce(value, hints[key], where, key) for key, value in data.items()})
 
 
-def _resolved_hints(cls: type) -> dict[str, Any]:
-    import typing
+def coerce(value: Any, hint: Any, where: str, key: str) -> Any:
+    """`value` of field `key` as the type `hint` names, or a ConfigError naming the field, the expected
+    type and the value.
 
-    return typing.get_type_hints(cls)
+    PyYAML reads YAML 1.1, where `3e-3` and `1e6` (no dot) are strings: numeric strings are accepted for
+    int and float fields. Nothing else is converted: `model: 5` or `rope_scaling: 4` are errors.
+    """
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: field '{key}' must be {expected}, got {_shown(value)}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return coerce(value, option, where, key)
+            except ConfigError:
+                continue
+        raise wrong(" or ".join(_type_name(o) for o in options) + (" (or null)" if type(None) in args else ""))
+    if origin is Literal:
+        if value not in args:
+            raise wrong(f"one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise wrong(_type_name(hint))
+        return from_dict(hint, value, f"{where}.{key}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong("a mapping")
+        key_type, value_type = args or (Any, Any)
+        return {coerce(k, key_type, where, f"{key}"): coerce(v, value_type, where, f"{key}.{k}")
+                for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise wrong("a list")
+        return [coerce(v, args[0] if args else Any, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if hint in (int, float):
+        number = _number(value)
+        if number is None or (hint is int and number != int(number)):
+            raise wrong(_type_name(hint))
+        return hint(number)
+    if hint is str and not isinstance(value, str):
+        raise wrong("a string")
+    if hint is Path:
+        if not isinstance(value, str | Path):
+            raise wrong("a path")
+        return Path(value)
+    return value
 
 
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass named by a type hint such as `RopeScaling | None`, if any."""
-    import typing
+def _number(value: Any) -> float | int | None:
+    """An int or float from a number or a numeric string (not a bool, not NaN or infinite); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            return None
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return value
 
-    candidates = typing.get_args(hint) or (hint,)
-    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+def _type_name(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}
+    if hint in names:
+        return names[hint]
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping of {hint.__name__} fields"
+    origin = typing.get_origin(hint)
+    return {dict: "a mapping", list: "a list"}.get(origin, getattr(hint, "__name__", str(hint)))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
 
 
 # --- MoE shapes in scaling-law terms ------------------------------------------------------------------
@@ -218,7 +301,7 @@ def get_preset(name: str) -> ModelConfig:
     return dataclasses.replace(PRESETS[name])
 
 
-def resolve_model_config(spec: str | dict[str, Any] | ModelConfig) -> ModelConfig:
+def resolve_model_config(spec: str | dict[str, Any] | ModelConfig, where: str = "model config") -> ModelConfig:
     """A preset name, a path to a YAML/JSON config, a dict (optionally `preset:` + overrides), or a config."""
     if isinstance(spec, ModelConfig):
         return spec.validate()
@@ -226,6 +309,6 @@ def resolve_model_config(spec: str | dict[str, Any] | ModelConfig) -> ModelConfi
         path = Path(spec)
         return ModelConfig.load(path) if path.suffix in (".yaml", ".yml", ".json") else get_preset(spec).validate()
     spec = dict(spec)
-    base = get_preset(spec.pop("preset")).to_dict() if "preset" in spec else {}
+    base = get_preset(coerce(spec.pop("preset"), str, where, "preset")).to_dict() if "preset" in spec else {}
     base.update(spec)
-    return ModelConfig.from_dict(base)
+    return ModelConfig.from_dict(base, where)

@@ -66,7 +66,18 @@ class _SourceStream:
             if self.shard.mask is not None:
                 masks.append(self.shard.mask[begin:begin + take])
             position, n = position + take, n - take
-        return np.concatenate(tokens), (np.concatenate(masks) if masks else None)
+        return checked(self.shard, np.concatenate(tokens)), (np.concatenate(masks) if masks else None)
+
+
+def checked(shard: Shard, tokens: np.ndarray) -> np.ndarray:
+    """`tokens`, after checking every id is inside the shard's vocabulary (a flipped byte in tokens.bin would
+    otherwise end as an IndexError deep in the model)."""
+    if len(tokens) and int(tokens.max()) >= int(shard.meta["vocab_size"]):
+        raise MobileMoEError(f"shard {shard.directory} holds token id {int(tokens.max())}, outside its vocabulary of "
+                             f"{shard.meta['vocab_size']}: tokens.bin is corrupt. `mobilemoe data verify "
+                             f"{shard.directory.parent.parent}` checks every shard; delete that directory and re-run "
+                             "`mobilemoe data prepare` to rebuild it.")
+    return tokens
 
 
 class PackedBatches:
@@ -145,6 +156,6 @@ def iter_eval_batches(shard_dir: str | Path, seq_len: int, batch_size: int,
         for i, start in enumerate(rows):
             stop = min(start + seq_len + 1, shard.n_tokens)
             mask = shard.mask[start:stop] if shard.mask is not None else None
-            x, y = _row_arrays(shard.tokens[start:stop], mask)
+            x, y = _row_arrays(checked(shard, shard.tokens[start:stop]), mask)
             inputs[i, :len(x)], targets[i, :len(y)] = x, y
         yield torch.from_numpy(inputs), torch.from_numpy(targets)

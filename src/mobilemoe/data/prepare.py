@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from mobilemoe.config import coerce, from_dict
 from mobilemoe.data import documents as D
 from mobilemoe.data import registry
 from mobilemoe.data.shards import Shard, ShardStats, write_shard
@@ -115,10 +117,11 @@ def load_data_recipe(path: str | Path) -> DataRecipe:
     path = Path(path)
     raw = read_mapping(path)
     where = str(path)
-    known = {"name", "seed", "val_fraction", "val_max_docs", "max_doc_chars", "tokenizer", "sources", "leakage"}
+    hints = typing.get_type_hints(DataRecipe)
+    known = ("name", "seed", "val_fraction", "val_max_docs", "max_doc_chars", "tokenizer", "sources", "leakage")
     for key in raw:
         if key not in known:
-            raise ConfigError(f"{where}: unknown key '{key}'; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"{where}: unknown key '{key}'; known keys: {', '.join(known)}")
     if not isinstance(raw.get("sources"), dict) or not raw["sources"]:
         raise ConfigError(f"{where}: 'sources' must map source names to {{kind, from}}")
     sources = []
@@ -135,22 +138,29 @@ def load_data_recipe(path: str | Path) -> DataRecipe:
                         item["uri"] = f"{scheme}:{item.pop(scheme)}"
                 if "path" in item:
                     item["uri"] = item.pop("path")
-                try:
-                    inputs.append(Input(**item))
-                except TypeError as err:
-                    raise ConfigError(f"{where}: source '{name}': bad input {item}: {err}") from None
+                inputs.append(from_dict(Input, item, f"{where}: source '{name}' input"))
+                if inputs[-1].limit is not None and inputs[-1].limit < 1:
+                    raise ConfigError(f"{where}: source '{name}' input: field 'limit' must be at least 1, "
+                                      f"got {inputs[-1].limit}")
+            elif isinstance(item, str):
+                inputs.append(Input(uri=item))
             else:
-                inputs.append(Input(uri=str(item)))
+                raise ConfigError(f"{where}: source '{name}': each 'from' entry must be a string or a mapping, "
+                                  f"got {item!r}")
         sources.append(SourceSpec(str(name), spec["kind"], inputs))
     tok = raw.get("tokenizer")
     if not isinstance(tok, dict) or ("train_bpe" in tok) == ("path" in tok):
         raise ConfigError(f"{where}: 'tokenizer' must be {{train_bpe: <vocab size>}} or {{path: <tokenizer.json>}}")
-    if not 0 <= float(raw.get("val_fraction", 0.02)) < 0.5:
-        raise ConfigError(f"{where}: val_fraction must be in [0, 0.5)")
-    return DataRecipe(name=str(raw.get("name", path.stem)), sources=sources, tokenizer=tok,
-                      seed=int(raw.get("seed", 0)), val_fraction=float(raw.get("val_fraction", 0.02)),
-                      val_max_docs=int(raw.get("val_max_docs", 500)),
-                      max_doc_chars=int(raw.get("max_doc_chars", 8000)), leakage=raw.get("leakage") or {},
+    if "train_bpe" in tok and coerce(tok["train_bpe"], int, where, "tokenizer.train_bpe") < 1:
+        raise ConfigError(f"{where}: field 'tokenizer.train_bpe' must be a positive vocabulary size")
+    fields = {key: coerce(raw[key], hints[key], where, key) for key in known[:5] if key in raw}
+    if not 0 <= fields.get("val_fraction", 0.02) < 0.5:
+        raise ConfigError(f"{where}: field 'val_fraction' must be in [0, 0.5), got {fields['val_fraction']}")
+    for key in ("val_max_docs", "max_doc_chars"):
+        if fields.get(key, 1) < 1:
+            raise ConfigError(f"{where}: field '{key}' must be positive, got {fields[key]}")
+    leakage = coerce(raw.get("leakage") or {}, hints["leakage"], where, "leakage")
+    return DataRecipe(**{"name": path.stem, **fields}, sources=sources, tokenizer=tok, leakage=leakage,
                       base_dir=path.parent, raw=raw)
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mobilemoe.argtypes import positive_int
 from mobilemoe.errors import MobileMoEError
 
 
@@ -20,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "MobileMoE directory, or a preset name (random weights: a chance-level baseline)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: the 14-task suite); "
                    "text:FILE scores perplexity and bits per byte on a text file")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="requests per forward pass")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or directory (default: the checkpoint's)")
     p.add_argument("--int4", action="store_true", help="evaluate the INT4 post-training quantization (group 32) of a "
                    "float model")

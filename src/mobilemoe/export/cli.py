@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mobilemoe.argtypes import positive_int
+
 
 def _export(args: argparse.Namespace) -> None:
     from mobilemoe.ui import console, human_bytes
@@ -44,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("output", help="output directory (hf) or file (gguf, pte)")
     p.add_argument("--quant", default="q8_0", choices=["q4_0", "q8_0", "f16", "f32"], help="GGUF weight type")
-    p.add_argument("--max-seq-len", type=int, default=256, help="pte: static KV-cache length")
+    p.add_argument("--max-seq-len", type=positive_int, default=256, help="pte: static KV-cache length")
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("import", help="convert a Hugging Face export or a released facebook/MobileMoE-* "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mobilemoe.argtypes import non_empty, non_negative_float, non_negative_int, positive_int, positive_ints, probability
+
 
 def _load(args: argparse.Namespace):
     """(model, tokenizer, cache dtype) from a checkpoint directory, float or INT4."""
@@ -34,9 +36,15 @@ def _generate(args: argparse.Namespace, chat: bool = False) -> None:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     prompts = [args.prompt] if args.prompt else None
     while True:
-        prompt = prompts.pop(0) if prompts else (console.input("[bold]you> [/]") if chat else None)
+        try:
+            prompt = prompts.pop(0) if prompts else (console.input("[bold]you> [/]") if chat else None)
+        except EOFError:  # stdin closed (Ctrl-D, or nothing piped in): the conversation is over
+            prompt = None
         if prompt is None:
+            console.print()
             return
+        if not prompt.strip():
+            continue
         if chat:
             console.print("[bold]model> [/]", end="")
         generate_text(model, tokenizer, prompt, args.max_new_tokens, sampling,
@@ -57,8 +65,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from mobilemoe.infer.bench import run_bench
 
-    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    run_bench([args.preset, *args.vs], ints(args.prompt_lens), ints(args.contexts), args.decode_steps,
+    run_bench([args.preset, *args.vs], args.prompt_lens, args.contexts, args.decode_steps,
               args.threads, Path(args.out), compile=args.compile)
 
 
@@ -67,12 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                            ("chat", "chat with an SFT/QAT checkpoint using the chat template")):
         p = sub.add_parser(verb, help=helptext)
         p.add_argument("checkpoint", help="checkpoint directory (e.g. runs/quickstart/tiny-moe/qat/final)")
-        p.add_argument("--prompt", required=verb == "generate", help="the prompt (chat: first message)")
+        p.add_argument("--prompt", type=non_empty, required=verb == "generate", help="the prompt (chat: first message)")
         p.add_argument("--int4", action="store_true", help="run INT4 weights through the engine's int4 kernels")
-        p.add_argument("--max-new-tokens", type=int, default=64)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--max-new-tokens", type=positive_int, default=64)
+        p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
+        p.add_argument("--top-p", type=probability, default=1.0, help="1 = off")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--compile", action="store_true",
                        help="capture the decode step with torch.compile (faster decode after a one-off compile)")
@@ -90,10 +97,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="INT4 prefill/decode speed and memory of presets, side by side")
     p.add_argument("--preset", default="mobilemoe-s")
     p.add_argument("--vs", nargs="*", default=["mobilellm-pro"], help="presets to compare against (last = base)")
-    p.add_argument("--prompt-lens", default="256,1024", help="comma-separated prompt lengths for prefill")
-    p.add_argument("--contexts", default="256,1024", help="comma-separated contexts for decode")
-    p.add_argument("--decode-steps", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-lens", type=positive_ints, default="256,1024",
+                   help="comma-separated prompt lengths for prefill")
+    p.add_argument("--contexts", type=positive_ints, default="256,1024", help="comma-separated contexts for decode")
+    p.add_argument("--decode-steps", type=positive_int, default=16)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="time the eager decode step instead of the torch.compile'd one")
     p.add_argument("--out", default="bench_results")

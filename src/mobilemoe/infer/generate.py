@@ -48,9 +48,8 @@ def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, 
     if not prompt:
         raise MobileMoEError("the prompt is empty")
     if len(prompt) >= max_context:
-        raise MobileMoEError(f"the prompt has {len(prompt)} tokens but the context holds {max_context}; "
-                             "shorten the prompt or raise --max-context (up to the model's max_seq_len "
-                             f"{model.cfg.max_seq_len})")
+        raise MobileMoEError(f"the prompt has {len(prompt)} tokens but the context holds {max_context} (the model's "
+                             f"max_seq_len is {model.cfg.max_seq_len}); shorten the prompt")
     total = min(max_context, len(prompt) + max_new_tokens)
     model.setup_cache(1, total, cache_dtype)
     generator = torch.Generator().manual_seed(sampling.seed)

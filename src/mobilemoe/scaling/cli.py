@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def parse_bytes(text: str) -> float:
-    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
-    for unit, scale in units.items():
-        if text.upper().endswith(unit):
-            return float(text[: -len(unit)]) * scale
-    return float(text)
+from mobilemoe.argtypes import byte_size, non_negative_int, number, positive_float, positive_int
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -55,10 +49,10 @@ def _plan(args: argparse.Namespace) -> None:
 
     law = load_law(args.law) if args.law else paper_scale_law()
     profile = load_profile(args.device) if args.device else None
-    memory = parse_bytes(args.memory) * 4 / args.bits  # the budget holds INT4 weights; other widths scale
+    memory = args.memory * 4 / args.bits  # the budget holds INT4 weights; other widths scale
     feasible, scored = plan(law, memory, args.max_active, args.tokens, args.decode_tok_s, profile)
-    table = Table(title=f"best architectures under {args.memory} INT{args.bits} weights, <= {args.max_active:.3g} "
-                        f"active, {args.tokens:.3g} tokens (law: {law.source})")
+    table = Table(title=f"best architectures under {args.memory / 1e9:g} GB of INT{args.bits} weights, "
+                        f"<= {args.max_active:.3g} active, {args.tokens:.3g} tokens (law: {law.source})")
     for col in ("rank", "architecture", "active", "total", "INT4 memory", "predicted loss", "decode tok/s"):
         table.add_column(col)
     for rank, c in enumerate(feasible[: args.top], 1):
@@ -86,20 +80,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  " shared]")
     f.add_argument("--law", choices=["chinchilla", "joint-moe"], default="chinchilla")
     f.add_argument("--rename", nargs="*", default=[], help="'Their Column=ours', e.g. 'Model Size=params'")
-    f.add_argument("--bootstrap", type=int, default=100)
-    f.add_argument("--drop-highest", type=int, default=0, help="leave out the N highest-loss points")
+    f.add_argument("--bootstrap", type=non_negative_int, default=100)
+    f.add_argument("--drop-highest", type=non_negative_int, default=0, help="leave out the N highest-loss points")
     f.add_argument("--out", help="output directory (default: next to the table)")
     f.set_defaults(handler=_fit)
 
     q = verbs.add_parser("plan", help="lowest predicted loss under memory / active-parameter / latency budgets")
-    q.add_argument("--memory", default="3GB", help="weight memory budget, e.g. 3GB")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--max-active", type=float, default=1e9)
-    q.add_argument("--tokens", type=float, default=6e12)
-    q.add_argument("--decode-tok-s", type=float, help="minimum decode speed (needs --device)")
+    q.add_argument("--memory", type=byte_size, default="3GB", help="weight memory budget, e.g. 3GB")
+    q.add_argument("--bits", type=number(int, 1, 32), default=4, help="weight bits the budget holds (1-32)")
+    q.add_argument("--max-active", type=positive_float, default=1e9)
+    q.add_argument("--tokens", type=positive_float, default=6e12)
+    q.add_argument("--decode-tok-s", type=positive_float, help="minimum decode speed (needs --device)")
     q.add_argument("--device", help="device profile name (snapdragon-8-elite, apple-a18-pro, dimensity-9400, "
                                     "this-cpu) or yaml path")
     q.add_argument("--law", help="law JSON from `scaling fit` (default: the shipped paper-scale set)")
-    q.add_argument("--top", type=int, default=10)
+    q.add_argument("--top", type=positive_int, default=10)
     q.add_argument("--out", default="plan_results")
     q.set_defaults(handler=_plan)

@@ -14,10 +14,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from mobilemoe.config import ModelConfig, granular_moe
+from mobilemoe.config import ModelConfig, from_dict, granular_moe
 from mobilemoe.errors import ConfigError, MobileMoEError
+from mobilemoe.io import read_mapping
 from mobilemoe.quantize import INT4_BYTES_PER_PARAM
 from mobilemoe.scaling.laws import Law
 
@@ -39,8 +38,7 @@ def load_profile(name_or_path: str) -> DeviceProfile:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
         raise MobileMoEError(f"unknown device profile '{name_or_path}'; known: {known} (or a path to a yaml file)")
-    data = yaml.safe_load(path.read_text())
-    return DeviceProfile(data["name"], float(data["memory_bandwidth_gb_s"]), float(data["matmul_gflops"]))
+    return from_dict(DeviceProfile, read_mapping(path), str(path))
 
 
 @dataclass

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mobilemoe.config import granular_moe
+from mobilemoe.config import coerce, from_dict, granular_moe
 from mobilemoe.errors import ConfigError
 from mobilemoe.io import atomic_write_text, read_mapping
 from mobilemoe.ui import console
@@ -62,7 +62,7 @@ def model_spec(p: dict[str, Any], base: dict[str, Any], name: str) -> dict[str, 
 
 
 def run_sweep(spec_path: str | Path, out: str | Path | None = None) -> Path:
-    from mobilemoe.train.recipe import load_recipe
+    from mobilemoe.train.recipe import StageConfig, load_recipe
     from mobilemoe.train.trainer import run_recipe
 
     spec_path = Path(spec_path)
@@ -71,7 +71,9 @@ def run_sweep(spec_path: str | Path, out: str | Path | None = None) -> Path:
         if key not in spec:
             raise ConfigError(f"{spec_path}: missing key '{key}'")
     template = load_recipe(spec_path.parent / spec["recipe"])
-    stage = dataclasses.replace(template.stages[0], **spec.get("stage", {}))
+    overrides = coerce(spec.get("stage", {}), dict[str, Any], str(spec_path), "stage")
+    stage = from_dict(StageConfig, {**dataclasses.asdict(template.stages[0]), **overrides},
+                      f"{spec_path}: stage").validate(f"{spec_path}: stage")
     out = Path(out or spec.get("out", f"results/scaling/{spec['name']}"))
     points = expand(spec)
     n_layers = spec.get("base", {}).get("n_layers", template.model_config().n_layers)

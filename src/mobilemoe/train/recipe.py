@@ -73,14 +73,15 @@ class StageConfig:
 @dataclass
 class Recipe:
     name: str
-    model: Any  # preset name, config path or mapping; resolved by `model_config()`
+    model: str | dict[str, Any]  # preset name, config path or mapping; resolved by `model_config()`
     data: str
     stages: list[StageConfig]
     seed: int = 1234
-    base_dir: Path = Path(".")  # where the recipe file lives; relative data paths resolve against it
+    # Where the recipe file lives (relative data paths resolve against it); set by `load_recipe`, not a key.
+    base_dir: Path = field(default=Path("."), metadata={"internal": True})
 
     def model_config(self) -> ModelConfig:
-        return resolve_model_config(self.model)
+        return resolve_model_config(self.model, f"recipe '{self.name}' model")
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:
@@ -97,20 +98,21 @@ class Recipe:
 
 
 def parse_recipe(data: dict[str, Any], where: str = "recipe", base_dir: Path = Path(".")) -> Recipe:
-    data = dict(data)
-    stages = data.pop("stages", None)
+    stages = data.get("stages") if isinstance(data, dict) else None
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list of stages")
-    for key in ("name", "model", "data"):
-        if key not in data:
-            raise ConfigError(f"{where}: missing key '{key}'")
-    parsed = [from_dict(StageConfig, s, f"{where}.stages[{i}]").validate(f"{where}.stages[{i}]")
-              for i, s in enumerate(stages)]
-    names = [s.name for s in parsed]
+    recipe = from_dict(Recipe, data, where)
+    recipe.base_dir = base_dir
+    for i, stage in enumerate(recipe.stages):
+        stage.validate(f"{where}.stages[{i}]")
+    names = [s.name for s in recipe.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: stage names must be unique, got {names}")
-    recipe = from_dict(Recipe, {**data, "stages": parsed, "base_dir": base_dir}, where)
-    recipe.model_config()  # fail early on a bad model spec
+    model = recipe.model_config()  # fail early on a bad model spec
+    for i, stage in enumerate(recipe.stages):
+        if stage.seq_len > model.max_seq_len:
+            raise ConfigError(f"{where}.stages[{i}]: field 'seq_len' ({stage.seq_len}) is above the model's "
+                              f"max_seq_len ({model.max_seq_len}); lower seq_len or raise the model's max_seq_len")
     return recipe
 
 

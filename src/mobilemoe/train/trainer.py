@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from mobilemoe.checkpoint import load_model, save_model, write_model_files
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.io import atomic_dir, atomic_write_json
+from mobilemoe.io import atomic_dir, atomic_write_text
 from mobilemoe.model import Transformer, count_parameters
 from mobilemoe.quantize import prepare_qat
 from mobilemoe.train import parallel
@@ -60,8 +62,8 @@ class StageResult:
     kind: str
     steps: int
     tokens: int
-    final_val_loss: float
-    best_val_loss: float
+    final_val_loss: float | None  # None: the data has no held-out split
+    best_val_loss: float | None
     wall_time_s: float
     params_active: int
     params_total: int
@@ -129,7 +131,7 @@ class StageTrainer:
                 save_file(flat_optim, tmp / "optimizer.safetensors")
                 save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
                 (tmp / "trainer_state.json").write_text(json.dumps({
-                    "step": self.step, "best_val": self.best_val, "stage": self.stage.name,
+                    "step": self.step, "best_val": _finite(self.best_val), "stage": self.stage.name,
                     "param_groups": optim_state["param_groups"], "data": self.batches.state_dict(),
                     "world_size": self.world.size}, indent=1))
             for old in self.checkpoints()[: -self.stage.keep_last]:
@@ -138,21 +140,62 @@ class StageTrainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        state = json.loads((path / "trainer_state.json").read_text())
+        """Restore weights, optimizer, RNG and data position; everything is read (and checked) before any of
+        it is applied, so a broken checkpoint (`BrokenCheckpoint`) leaves the trainer as it was."""
+        state, plain, flat_optim, rng = self._read_checkpoint(path)
         if state["world_size"] != self.world.size:
             raise MobileMoEError(f"{path} was written by a {state['world_size']}-process run; resume it with the same "
                                  f"number of processes (this run has {self.world.size})")
-        plain = load_file(path / "model.safetensors")
-        model_state = {k: plain[_plain_key(k)] for k in parallel.full_model_state(self.model)}
         optim: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in load_file(path / "optimizer.safetensors").items():
+        for key, value in flat_optim.items():
             fqn, name = key.split("::")
             optim.setdefault(fqn, {})[name] = value
+        model_state = {k: plain[_plain_key(k)] for k in parallel.full_model_state(self.model)}
         parallel.load_full_state(self.model, self.optimizer, model_state,
                                  {"state": optim, "param_groups": state["param_groups"]})
-        torch.set_rng_state(load_file(path / "rng.safetensors")["torch_rng"])
+        torch.set_rng_state(rng)
         self.batches.load_state_dict(state["data"])
-        self.step, self.best_val = state["step"], state["best_val"]
+        self.step, self.best_val = state["step"], math.inf if state["best_val"] is None else state["best_val"]
+
+    def _read_checkpoint(self, path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], Tensor]:
+        file = path / "trainer_state.json"
+        try:
+            state = json.loads(file.read_text())
+            for key in ("step", "best_val", "param_groups", "data", "world_size"):
+                state[key]  # noqa: B018 - a missing key is a broken file
+            file = path / "model.safetensors"
+            plain = load_file(file)
+            missing = [k for k in map(_plain_key, parallel.full_model_state(self.model)) if k not in plain]
+            if missing:
+                raise BrokenCheckpoint(f"{file} lacks {missing[0]}")
+            file = path / "optimizer.safetensors"
+            flat_optim = load_file(file)
+            file = path / "rng.safetensors"
+            rng = load_file(file)["torch_rng"]
+        except BrokenCheckpoint:
+            raise
+        except FileNotFoundError:
+            raise BrokenCheckpoint(f"{file} is missing") from None
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            raise BrokenCheckpoint(f"{file} is truncated or corrupt ({type(err).__name__}: {err})") from None
+        return state, plain, flat_optim, rng
+
+    def resume(self) -> None:
+        """Continue from the newest intact checkpoint, saying which broken ones were passed over."""
+        checkpoints = self.checkpoints()
+        for path in reversed(checkpoints):
+            try:
+                self.load_checkpoint(path)
+            except BrokenCheckpoint as err:
+                if self.world.is_main:
+                    console.print(f"[yellow]{self.stage.name}: checkpoint {path.name} cannot be used ({err}); "
+                                  "falling back to the one before it[/]")
+                continue
+            if self.world.is_main:
+                console.print(f"[bold]{self.stage.name}[/]: resumed from {path} (step {self.step})")
+            return
+        raise MobileMoEError(f"none of the {len(checkpoints)} checkpoint(s) in {self.dir / 'checkpoints'} can be "
+                             "read (see above). Move that directory away to train the stage from its start.")
 
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -170,14 +213,14 @@ class StageTrainer:
             raise MobileMoEError(f"{self.dir} already has checkpoints; pass --resume to continue that run, or "
                                  "choose another --out")
         if existing:
-            self.load_checkpoint(existing[-1])
-            if world.is_main:
-                console.print(f"[bold]{s.name}[/]: resumed from {existing[-1]} (step {self.step})")
+            self.resume()
         metrics_file = self.dir / "metrics.jsonl"
         self.dir.mkdir(parents=True, exist_ok=True)
+        if world.is_main:
+            _drop_records_after(metrics_file, self.step)
         writer = _tensorboard(self.out / "tensorboard", world)
         self.model.train()
-        started, val_loss = time.perf_counter(), math.nan
+        started, val_loss, warned = time.perf_counter(), math.nan, set()
         with progress(disable=not world.is_main) as bar, metrics_file.open("a") as metrics:
             task = bar.add_task(s.name, total=s.steps, completed=self.step, info="")
             while self.step < s.steps:
@@ -216,12 +259,18 @@ class StageTrainer:
                     record["max_violation"] = float((load.max(-1).values / load.mean(-1) - 1).mean())
                 if self.step % s.eval_every == 0 or self.step == s.steps:
                     val_loss = self.evaluate()
-                    record["val_loss"] = val_loss
+                    if math.isnan(val_loss) and world.is_main and "val_loss" not in warned:
+                        warned.add("val_loss")
+                        console.print(f"[yellow]{s.name}: the data has no held-out targets for this mixture (empty "
+                                      "val split; raise val_fraction in the data recipe): val_loss is not measured "
+                                      "and best/ is not written[/]")
+                    if math.isfinite(val_loss):
+                        record["val_loss"] = val_loss
                     if val_loss < self.best_val:
                         self.best_val = val_loss
                         self._save_weights(self.dir / "best")
                 if world.is_main and (self.step % s.log_every == 0 or "val_loss" in record or self.step == s.steps):
-                    metrics.write(json.dumps(record) + "\n")
+                    metrics.write(json.dumps(record, allow_nan=False) + "\n")
                     metrics.flush()
                     _log_tensorboard(writer, s.name, record)
                 info = f"loss {loss:.3f}  lr {lr:.1e}  {tok_s:,.0f} tok/s" + (
@@ -234,7 +283,8 @@ class StageTrainer:
         final = self.dir / "final"
         self._save_weights(final, int4=s.kind == "qat")
         parallel.barrier(world)
-        return StageResult(s.name, s.kind, self.step, self.step * self.tokens_per_step, val_loss, self.best_val,
+        return StageResult(s.name, s.kind, self.step, self.step * self.tokens_per_step, _finite(val_loss),
+                           _finite(self.best_val),
                            time.perf_counter() - started, self.count.active, self.count.total,
                            6 * self.count.active, str(final))
 
@@ -289,11 +339,13 @@ def heldout_loss(model: torch.nn.Module, data: Any, mixture: list[tuple[str, flo
                  max_batches: int) -> float:
     """Mean next-token loss over the val splits of `mixture`'s sources, weighted like the mixture."""
     from mobilemoe.data import iter_eval_batches
+    from mobilemoe.data.loader import IGNORE_INDEX
 
     total, weights = 0.0, 0.0
     for name, weight in mixture:
         losses = [model(x, y).lm_loss.item()
-                  for x, y in iter_eval_batches(data.shard_dir(name, "val"), seq_len, batch_size, max_batches)]
+                  for x, y in iter_eval_batches(data.shard_dir(name, "val"), seq_len, batch_size, max_batches)
+                  if (y != IGNORE_INDEX).any()]  # a batch without targets has no loss (NaN)
         if losses:
             total, weights = total + weight * sum(losses) / len(losses), weights + weight
     return total / weights if weights else math.nan
@@ -302,6 +354,30 @@ def heldout_loss(model: torch.nn.Module, data: Any, mixture: list[tuple[str, flo
 def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full weights with QAT parametrizations resolved to their latent float values, keyed as in Transformer."""
     return {_plain_key(k): v.float().contiguous() for k, v in parallel.full_model_state(model).items()}
+
+
+class BrokenCheckpoint(MobileMoEError):
+    """A checkpoint directory with a missing, truncated or corrupt file."""
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN or infinity: a loss that was never measured is null."""
+    return value if math.isfinite(value) else None
+
+
+def _drop_records_after(metrics_file: Path, step: int) -> None:
+    """Keep the metrics of steps up to `step`: a run resumed from a checkpoint replays the steps after it, which
+    an interrupted run may already have logged (and a torn last line is dropped)."""
+    if not metrics_file.is_file():
+        return
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(metrics_file, "".join(f"{line}\n" for line in kept))
 
 
 def _plain_key(key: str) -> str:
@@ -363,9 +439,10 @@ def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: s
         summary["stages"][s.name] = asdict(result)
         summary.update(asdict(result))
         if world.is_main:
-            atomic_write_json(summary_file, summary)
-            console.print(f"[bold green]{s.name}[/] done: {result.steps} steps, {result.tokens:,} tokens, "
-                          f"val loss {result.final_val_loss:.4f} (best {result.best_val_loss:.4f}), "
+            atomic_write_text(summary_file, json.dumps(summary, indent=2, allow_nan=False))
+            val = (f"val loss {result.final_val_loss:.4f} (best {result.best_val_loss:.4f})"
+                   if result.final_val_loss is not None else "no held-out data")
+            console.print(f"[bold green]{s.name}[/] done: {result.steps} steps, {result.tokens:,} tokens, {val}, "
                           f"{result.wall_time_s:.0f}s -> {final}")
     return summary
 
