@@ -8,12 +8,20 @@ import pandas as pd
 import pytest
 import yaml
 
-from mobilemoe.config import get_preset
-from mobilemoe.errors import MobileMoEError
+from mobilemoe.errors import ConfigError, MobileMoEError
 from mobilemoe.model import build_on_meta, count_parameters
+from mobilemoe.quantize import INT4_BYTES_PER_PARAM
 from mobilemoe.scaling.fit import fit_table, load_table, write_fit
-from mobilemoe.scaling.laws import CHINCHILLA, JOINT_MOE, paper_scale_law
-from mobilemoe.scaling.plan import Candidate, count_params, decode_tok_s, load_profile, plan
+from mobilemoe.scaling.laws import CHINCHILLA, JOINT_MOE, Law, paper_scale_law
+from mobilemoe.scaling.plan import (
+    Candidate,
+    candidates,
+    count_params,
+    decode_tok_s,
+    load_profile,
+    pareto_front,
+    plan,
+)
 
 CHINCHILLA_CSV = Path("/work/shared/data/chinchilla_epoch_replication.csv")
 TRUE = {"A": 400.0, "B": 1800.0, "E": 1.7, "alpha": 0.34, "beta": 0.28}
@@ -77,30 +85,98 @@ def test_fast_counts_equal_the_built_module():
         assert count_params(*arch) == (built.active, built.total)
 
 
-def test_planner_respects_every_budget():
-    law = paper_scale_law()
-    feasible, scored = plan(law, memory_bytes=0.75e9, max_active=3e8, tokens=6e12)
-    assert feasible and all(c.int4_bytes <= 0.75e9 and c.active <= 3e8 for c in feasible)
-    assert feasible[0].predicted_loss == min(c.predicted_loss for c in feasible)
-    assert any(c.int4_bytes > 0.75e9 for c in scored)  # the budget really cut something
-    profile = load_profile("apple-a18-pro")
-    fast, _ = plan(law, 3e9, 1e9, 6e12, min_decode_tok_s=200, profile=profile)
-    assert all(decode_tok_s(c, profile) >= 200 for c in fast)
-    with pytest.raises(MobileMoEError, match="no architecture meets the budgets"):
-        plan(law, memory_bytes=1e6, max_active=1e9, tokens=6e12)
+# --- the planner's logic, on synthetic laws and device profiles ------------------------------------------
+DENSE_ONLY_IN_N = Law(CHINCHILLA, {"all": TRUE}, source="synthetic chinchilla")
+# A joint law that knows the dense group and one MoE group, whose MoE term is strongly favourable.
+_BASE = {"A": 400.0, "B": 1800.0, "c": 1.7, "alpha": 0.34, "beta": 0.28, "gamma": 0.0, "omega": 0.0, "zeta": 0.0}
+TWO_GROUPS = Law(JOINT_MOE, {"dense": {**_BASE, "delta": 0.0}, "g2-k1-noshared": {**_BASE, "delta": -0.5}},
+                 source="synthetic joint")
+
+
+def _meets(c, memory, max_active, min_tok_s=None, profile=None):
+    return (c.int4_bytes <= memory and c.active <= max_active
+            and (min_tok_s is None or decode_tok_s(c, profile) >= min_tok_s))
+
+
+@pytest.mark.parametrize("law", [DENSE_ONLY_IN_N, TWO_GROUPS], ids=["chinchilla", "joint"])
+@pytest.mark.parametrize("memory, max_active", [(0.5e9, 2e8), (2e9, 6e8), (1e10, 3e9)])
+def test_plan_is_the_best_feasible_candidate(law, memory, max_active):
+    feasible, scored = plan(law, memory, max_active, tokens=1e12)
+    # exactly the scored candidates within every budget, best first, each scored by the law
+    assert {c.label() for c in feasible} == {c.label() for c in scored if _meets(c, memory, max_active)}
+    assert [c.predicted_loss for c in feasible] == sorted(c.predicted_loss for c in feasible)
+    for c in feasible[:: max(1, len(feasible) // 20)]:
+        assert c.predicted_loss == law.predict_one(c.active, 1e12, c.experts, c.top_k, c.granularity, c.shared)
+    assert any(not _meets(c, memory, max_active) for c in scored)  # the budgets really cut something
+    # a looser budget never plans worse, a tighter one never better
+    looser, _ = plan(law, memory * 2, max_active * 2, tokens=1e12)
+    assert looser[0].predicted_loss <= feasible[0].predicted_loss
+    best = feasible[0]
+    tighter, _ = plan(law, best.int4_bytes, best.active, tokens=1e12)  # budgets at the plan itself: it still fits
+    assert tighter[0].predicted_loss == best.predicted_loss
+
+
+def test_plan_follows_the_law_not_the_shapes():
+    # loss falls with active parameters only: the plan uses as many active parameters as the budgets allow
+    feasible, _ = plan(DENSE_ONLY_IN_N, 2e9, 4e8, tokens=1e12)
+    assert feasible[0].active == max(c.active for c in feasible)
+    # a law that knows only dense and g2-k1-noshared scores only those, and its MoE gain wins when memory allows
+    feasible, scored = plan(TWO_GROUPS, 1e10, 4e8, tokens=1e12)
+    assert {(c.granularity, c.top_k, c.shared) for c in scored if c.experts > 1} == {(2, 1, False)}
+    assert feasible[0].experts > 1
+    dense_best = min((c for c in feasible if c.experts == 1), key=lambda c: c.predicted_loss)
+    assert feasible[0].predicted_loss < dense_best.predicted_loss
+
+
+def test_decode_speed_budget_on_a_synthetic_device(tmp_path):
+    (tmp_path / "slow-phone.yaml").write_text("name: slow-phone\nmemory_bandwidth_gb_s: 10\nmatmul_gflops: 200\n")
+    profile = load_profile(str(tmp_path / "slow-phone.yaml"))
+    c = Candidate(20, 768, 8, 1, 8, True, *count_params(20, 768, 8, 1, 8, True))
+    # roofline: the slower of streaming the active INT4 weights and 2 FLOPs per active parameter
+    assert decode_tok_s(c, profile) == pytest.approx(min(10e9 / (c.active * INT4_BYTES_PER_PARAM),
+                                                         200e9 / (2 * c.active)))
+    unconstrained, _ = plan(DENSE_ONLY_IN_N, 3e9, 1e9, 1e12)
+    speed = decode_tok_s(unconstrained[0], profile) * 1.5  # the unconstrained plan is too slow for this
+    fast, scored = plan(DENSE_ONLY_IN_N, 3e9, 1e9, 1e12, min_decode_tok_s=speed, profile=profile)
+    assert {x.label() for x in fast} == {x.label() for x in scored if _meets(x, 3e9, 1e9, speed, profile)}
+    assert fast[0].predicted_loss > unconstrained[0].predicted_loss
+    with pytest.raises(ConfigError, match="needs --device"):
+        plan(DENSE_ONLY_IN_N, 3e9, 1e9, 1e12, min_decode_tok_s=speed)
     with pytest.raises(MobileMoEError, match="unknown device profile"):
         load_profile("nokia-3310")
 
 
-@pytest.mark.parametrize("preset, memory, max_active", [("mobilemoe-s", 0.75e9, 2.8e8),
-                                                         ("mobilemoe-m", 1.6e9, 5.3e8),
-                                                         ("mobilemoe-l", 3.0e9, 9.3e8)])
-def test_paper_scale_law_proposes_the_mobilemoe_shapes(preset, memory, max_active):
-    cfg = get_preset(preset)
-    top_two = plan(paper_scale_law(), memory, max_active, tokens=6e12)[0][:2]
-    assert all((c.n_layers, c.d_model, c.experts, c.top_k, c.shared) == (cfg.n_layers, cfg.d_model, 8, 1, True)
-               for c in top_two)
-    assert 8 in {c.granularity for c in top_two}  # the preset's own granularity is one of the two
+@pytest.mark.parametrize("key", ["int4_bytes", "active"])
+def test_pareto_front_is_the_non_dominated_set(key):
+    _, scored = plan(TWO_GROUPS, 1e12, 1e12, tokens=1e12)
+    front = pareto_front(scored, key)
+    cost = [getattr(c, key) for c in front]
+    assert cost == sorted(cost) and [c.predicted_loss for c in front] == sorted(
+        (c.predicted_loss for c in front), reverse=True)
+
+    def dominated(c):
+        return any(getattr(o, key) <= getattr(c, key) and o.predicted_loss <= c.predicted_loss
+                   and (getattr(o, key), o.predicted_loss) != (getattr(c, key), c.predicted_loss) for o in scored)
+
+    want = {c.label() for c in scored if not dominated(c)}
+    assert {c.label() for c in front} == want
+    same_cost = [Candidate(16, 512, 1, 1, 1, False, 10, 100, 3.0), Candidate(16, 768, 1, 1, 1, False, 10, 100, 2.5)]
+    assert pareto_front(same_cost, key) == same_cost[1:]  # a tie in cost: only the lower loss is on the front
+
+
+def test_infeasible_budgets_and_unusable_laws_are_clear_errors():
+    with pytest.raises(MobileMoEError, match="no architecture meets the budgets.*smallest candidate.*Loosen"):
+        plan(DENSE_ONLY_IN_N, memory_bytes=1e6, max_active=1e9, tokens=1e12)
+    with pytest.raises(MobileMoEError, match="no architecture meets the budgets"):
+        plan(DENSE_ONLY_IN_N, memory_bytes=1e10, max_active=1e3, tokens=1e12)
+    unknown_group = Law(JOINT_MOE, {"g3-k3-noshared": {**_BASE, "delta": 0.0}}, source="synthetic")
+    with pytest.raises(MobileMoEError, match="coefficients for none of the planner's architecture groups"):
+        plan(unknown_group, 1e10, 1e10, 1e12)
+
+
+def test_shipped_law_covers_every_candidate():
+    _, scored = plan(paper_scale_law(), 1e12, 1e12, tokens=6e12)
+    assert len(scored) == len(candidates())
 
 
 def test_sweep_runs_each_point_once_and_resumes(tmp_path, monkeypatch):

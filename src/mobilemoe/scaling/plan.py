@@ -125,6 +125,10 @@ def plan(law: Law, memory_bytes: float, max_active: float, tokens: float, min_de
         if loss is not None:
             c.predicted_loss = loss
             scored.append(c)
+    if not scored:
+        raise MobileMoEError(f"the law ({law.source or law.form.name}) has coefficients for none of the planner's "
+                             f"architecture groups (it has: {', '.join(law.groups)}); fit it on runs of the dense "
+                             "model and of MoE groups named like g8-k1-shared")
     feasible = [c for c in scored if c.int4_bytes <= memory_bytes and c.active <= max_active
                 and (min_decode_tok_s is None or decode_tok_s(c, profile) >= min_decode_tok_s)]
     if not feasible:
@@ -152,7 +156,7 @@ def pareto_plot(scored: list[Candidate], best: Candidate, path: Path, memory_byt
             xs = [getattr(c, key) / scale for c in pts]
             ax.scatter(xs, [c.predicted_loss for c in pts], s=4, alpha=0.3, color=colour,
                        label="dense" if dense else "MoE")
-            frontier = _frontier(pts, key)
+            frontier = pareto_front(pts, key)
             ax.plot([getattr(c, key) / scale for c in frontier], [c.predicted_loss for c in frontier], color=colour)
         ax.axvline(budget / scale, color="grey", ls="--", lw=1)
         ax.scatter([getattr(best, key) / scale], [best.predicted_loss], marker="*", s=200, color="red",
@@ -165,9 +169,11 @@ def pareto_plot(scored: list[Candidate], best: Candidate, path: Path, memory_byt
     plt.close(fig)
 
 
-def _frontier(points: list[Candidate], key: str) -> list[Candidate]:
+def pareto_front(points: list[Candidate], key: str) -> list[Candidate]:
+    """The candidates no other candidate beats on both `key` (a cost: int4_bytes, active) and predicted loss,
+    cheapest first."""
     best, out = math.inf, []
-    for c in sorted(points, key=lambda c: getattr(c, key)):
+    for c in sorted(points, key=lambda c: (getattr(c, key), c.predicted_loss)):
         if c.predicted_loss < best:
             best = c.predicted_loss
             out.append(c)
