@@ -73,9 +73,10 @@ def _room_registrars() -> list:
     from mobilemoe.infer import cli as infer_cli
     from mobilemoe.scaling import cli as scaling_cli
     from mobilemoe.train import cli as train_cli
+    from mobilemoe.upcycle import cli as upcycle_cli
 
     return [scaling_cli.register, data_cli.register, train_cli.register, export_cli.register, infer_cli.register,
-            eval_cli.register]
+            eval_cli.register, upcycle_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

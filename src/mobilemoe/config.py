@@ -234,17 +234,18 @@ def _shown(value: Any) -> str:
 
 # --- MoE shapes in scaling-law terms ------------------------------------------------------------------
 def granular_moe(d_model: int, experts: int, granularity: int, top_k: int = 1, shared_slots: int = 0,
-                 expansion: int = 4) -> dict[str, int]:
+                 expansion: int = 4, coarse_size: int | None = None) -> dict[str, int]:
     """Resolve an MoE written as (E coarse experts, granularity g, top-k coarse, shared slots) to fields.
 
-    A coarse expert is a SwiGLU of hidden size `expansion * d_model`; granularity g splits each into g
-    fine experts of size expansion*d/g, giving E*g fine slots of which top_k*g are active per token.
-    `shared_slots` of the active slots become one always-on shared expert (PAPER.md: E=8, g=8,
-    shared 4 slots -> 60 routed experts of d/2, top-4, shared 2d).
+    A coarse expert is a SwiGLU of hidden size `expansion * d_model` (or `coarse_size`, e.g. an upcycled
+    parent's FFN width); granularity g splits each into g fine experts of size coarse/g, giving E*g fine
+    slots of which top_k*g are active per token. `shared_slots` of the active slots become one always-on
+    shared expert (PAPER.md: E=8, g=8, shared 4 slots -> 60 routed experts of d/2, top-4, shared 2d).
     """
-    size, rem = divmod(expansion * d_model, granularity)
+    coarse = coarse_size or expansion * d_model
+    size, rem = divmod(coarse, granularity)
     if rem:
-        raise ConfigError(f"granularity {granularity} must divide the coarse expert size {expansion * d_model}")
+        raise ConfigError(f"granularity {granularity} must divide the coarse expert size {coarse}")
     active = top_k * granularity
     if not 0 <= shared_slots < active:
         raise ConfigError(f"shared_slots ({shared_slots}) must be below the active slots top_k*g ({active})")

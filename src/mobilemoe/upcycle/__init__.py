@@ -1,0 +1,1 @@
+"""Upcycling: grow a MobileMoE from a dense checkpoint (`mobilemoe upcycle`); the method is in grow.py."""
