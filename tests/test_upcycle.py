@@ -58,7 +58,7 @@ def test_split_partitions_the_neurons_and_is_reproducible(parent, tmp_path):
     # every parent neuron lands in exactly one expert (rows are a permutation of the parent's gate rows)
     assert torch.equal(rows[torch.argsort(rows[:, 0])], ffn.gate_proj.weight[torch.argsort(ffn.gate_proj.weight[:, 0])])
     assert a.cfg.top_k == 2 and a.cfg.norm_topk_prob and a.cfg.routed_scaling_factor == 2.0
-    assert torch.count_nonzero(moe.expert_bias) == 0
+    assert torch.count_nonzero(moe.router.expert_bias) == 0
     record = json.loads((tmp_path / "a" / "upcycle.json").read_text())
     assert all(0 <= r["oracle_recall"] <= 1 for r in record["layers"])
 

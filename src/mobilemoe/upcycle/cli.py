@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mobilemoe.argtypes import non_negative_float, non_negative_int, number, positive_int
+
 FINE = ("experts", "expert_size", "top_k")
 PLANNER = ("coarse_experts", "granularity")
 
@@ -51,21 +53,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="split: experts partition the parent's neurons (same total); copy: each slice copied "
                         "experts/slices times with noise (more total)")
     g = p.add_argument_group("shape, fine-grained")
-    g.add_argument("--experts", type=int, help="routed experts")
-    g.add_argument("--expert-size", type=int, help="neurons per routed expert (a multiple of 32)")
-    g.add_argument("--top-k", type=int, help="routed experts per token")
-    g.add_argument("--shared-size", type=int, help="neurons of the shared expert (default 0: none)")
+    g.add_argument("--experts", type=positive_int, help="routed experts")
+    g.add_argument("--expert-size", type=positive_int, help="neurons per routed expert (a multiple of 32)")
+    g.add_argument("--top-k", type=positive_int, help="routed experts per token")
+    g.add_argument("--shared-size", type=non_negative_int, help="neurons of the shared expert (default 0: none)")
     g = p.add_argument_group("shape, in the scaling planner's terms (`scaling plan` prints e.g. E4 k1 g8 +shared)")
-    g.add_argument("--coarse-experts", type=int, help="E: coarse experts, each as wide as the parent FFN")
-    g.add_argument("--granularity", type=int, help="g: fine experts per coarse expert")
-    g.add_argument("--coarse-top-k", type=int, help="k: coarse experts active per token (default 1)")
-    g.add_argument("--shared-slots", type=int, help="fine slots of the k*g active ones that form the shared "
-                                                    "expert (+shared in a plan = k*g/2)")
-    g.add_argument("--coarse-size", type=int, help="width of a coarse expert (default: the parent's FFN)")
-    p.add_argument("--noise", type=float, default=0.01, help="copy: std of the noise on each copy after the first, "
-                                                             "relative to the parent matrix's std")
-    p.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of embedded text that neuron "
-                                                                        "activity and the router are fitted on")
-    p.add_argument("--seed", type=int, default=0)
+    g.add_argument("--coarse-experts", type=positive_int, help="E: coarse experts, each as wide as the parent FFN")
+    g.add_argument("--granularity", type=positive_int, help="g: fine experts per coarse expert")
+    g.add_argument("--coarse-top-k", type=positive_int, help="k: coarse experts active per token (default 1)")
+    g.add_argument("--shared-slots", type=non_negative_int,
+                   help="fine slots of the k*g active ones that form the shared expert (+shared in a plan = k*g/2)")
+    g.add_argument("--coarse-size", type=positive_int, help="width of a coarse expert (default: the parent's FFN)")
+    p.add_argument("--noise", type=non_negative_float, default=0.01,
+                   help="copy: std of the noise on each copy after the first, relative to the parent matrix's std")
+    p.add_argument("--calibration-tokens", type=number(int, 64, what="at least 64"), default=4096,
+                   help="tokens of embedded text that neuron activity and the router are fitted on")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler=_upcycle)

@@ -279,7 +279,7 @@ def upcycle_layer(ffn: FeedForward, moe: MoE, x: Tensor, shape: MoEShape, method
             dn = dn + noise * down.std() * torch.randn(dn.shape, generator=generator)
         moe.gate_up_proj[e].copy_(gate_up)
         moe.down_proj[e].copy_(dn)
-    moe.expert_bias.zero_()
+    moe.router.expert_bias.zero_()
 
     slice_size = torch.stack([contrib[:, s].sum(1) for s in slices], 1)  # [N, slices], each slice's activity
     slice_rows = standardised(ridge_probe(x, slice_size.clamp_min(1e-6).log()), x).repeat(copies, 1)
