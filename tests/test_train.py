@@ -177,7 +177,7 @@ def test_disk_full_keeps_the_previous_checkpoint(data_recipe, tmp_path, monkeypa
         return real_save(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "save_file", full_disk_on_second_checkpoint)
-    with pytest.raises(MobileMoEError, match="No space left on device.*previous version.*untouched"):
+    with pytest.raises(MobileMoEError, match="no space left on the device.*previous version.*untouched"):
         run_recipe(recipe, tmp_path / "run")
     kept = sorted((tmp_path / "run" / "pretrain" / "checkpoints").iterdir())
     assert [p.name for p in kept] == ["step-0000002"]

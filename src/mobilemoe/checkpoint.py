@@ -62,9 +62,10 @@ def write_model_files(directory: Path, model: Transformer, tokenizer: Tokenizer 
 
 
 def save_model(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, int4: bool = False,
-               tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a checkpoint directory atomically."""
-    with atomic_dir(directory) as tmp:
+               tensors: dict[str, torch.Tensor] | None = None, force: bool = False) -> Path:
+    """Write a checkpoint directory atomically. An existing directory is replaced only if it is a checkpoint we
+    wrote (or `force`): see `io.claim_dir`."""
+    with atomic_dir(directory, "checkpoint", force) as tmp:
         write_model_files(tmp, model, tokenizer, int4, tensors)
     return Path(directory)
 

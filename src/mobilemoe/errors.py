@@ -46,18 +46,30 @@ def explain(err: BaseException) -> str | None:
     anything else (a bug, which should keep its traceback)."""
     if isinstance(err, MobileMoEError):
         return str(err)
-    if isinstance(err, OSError) and err.errno in _OS_ERRORS:
-        what, todo = _OS_ERRORS[err.errno]
-        return f"{_where(err, err.filename)}: {what}. {todo}."
+    if describe_os_error(err):
+        return f"{_where(err, getattr(err, 'filename', None))}: {describe_os_error(err)}"
     text = str(err)
-    if "os error 28" in text or "No space left" in text:  # safetensors reports ENOSPC as its own error
-        what, todo = _OS_ERRORS[errno.ENOSPC]
-        return f"{_where(err)}: {what}. {todo}."
     kind = _format_error(err)
     if kind:
         return (f"{_where(err)} is truncated or is not {kind} ({text.splitlines()[0] if text else type(err).__name__})."
                 " Re-create it with the command that wrote it, or pass the right file.")
     return None
+
+
+def describe_os_error(err: BaseException) -> str | None:
+    """What went wrong and what to do, for a known OS error (disk full also as a library's own error)."""
+    code = errno.ENOSPC if is_no_space(err) else getattr(err, "errno", None) if isinstance(err, OSError) else None
+    if code not in _OS_ERRORS:
+        return None
+    what, todo = _OS_ERRORS[code]
+    return f"{what}. {todo}."
+
+
+def is_no_space(err: BaseException) -> bool:
+    """The disk is full, as an OSError or as the message of a library's own error (safetensors)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "os error 28" in str(err) or "No space left on device" in str(err)
 
 
 def _format_error(err: BaseException) -> str | None:

@@ -55,7 +55,7 @@ def evaluate_run(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     sft_final = run_dir / sft.name / "final"
     ptq_dir = run_dir / "ptq-int4"
     sft_weights = load_model(sft_final)
-    save_model(ptq_dir, sft_weights.model, sft_weights.tokenizer, int4=True)
+    save_model(ptq_dir, sft_weights.model, sft_weights.tokenizer, int4=True, force=True)  # inside our run
     quant = {"float (SFT)": loss(sft_final, sft), "PTQ INT4 (SFT weights)": loss(ptq_dir, sft),
              "QAT INT4": loss(run_dir / qat.name / "final", sft)}
     result = {"stages": stages, "quantization": quant, "benchmarks": benchmark_scores(run_dir / qat.name / "final")}

@@ -21,7 +21,7 @@ def _prepare(args: argparse.Namespace) -> None:
     from mobilemoe.data import prepare
     from mobilemoe.ui import console
 
-    data = prepare(args.recipe, out=args.out)
+    data = prepare(args.recipe, out=args.out, force=args.force)
     console.print(f"prepared data in [bold]{data.dir}[/]")
 
 
@@ -48,7 +48,7 @@ def _verify(args: argparse.Namespace) -> None:
     from mobilemoe.ui import console
 
     PreparedData(args.dir).verify()
-    console.print(f"{args.dir}: every shard matches its index and the manifest checksums")
+    console.print(f"{args.dir}: the tokenizer and every shard file match their manifest checksums")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = sub.add_parser("prepare", help="tokenize a data recipe into shards (cached by recipe hash)")
     r.add_argument("recipe", help="data recipe YAML, e.g. recipes/data/embedded.yaml")
     r.add_argument("--out", default=None, help="output directory (default: under the cache dir, keyed by recipe)")
+    r.add_argument("--force", action="store_true", help="replace --out even if it holds something other than "
+                   "prepared data (its contents are deleted)")
     r.set_defaults(handler=_prepare)
     s = sub.add_parser("sources", help="table of the registry and embedded sources with licences")
     s.set_defaults(handler=_sources)

@@ -36,14 +36,14 @@ import numpy as np
 from mobilemoe.config import coerce, from_dict
 from mobilemoe.data import documents as D
 from mobilemoe.data import registry
-from mobilemoe.data.shards import Shard, ShardStats, write_shard
+from mobilemoe.data.shards import Shard, ShardStats, file_sha256, write_shard
 from mobilemoe.errors import ConfigError, MobileMoEError
-from mobilemoe.io import atomic_dir, cache_root, read_mapping
+from mobilemoe.io import atomic_dir, cache_root, claim_dir, read_mapping
 from mobilemoe.tokenizer import Tokenizer, train_bpe
 from mobilemoe.ui import console, human_bytes, human_count, progress
 
 KINDS = ("pretrain", "midtrain", "sft")
-FORMAT_VERSION = 1  # bump when the shard/manifest layout changes, so caches are rebuilt
+FORMAT_VERSION = 2  # bump when the shard/manifest layout changes, so caches are rebuilt
 
 
 def resolve_path(path: str | Path, base: Path) -> Path:
@@ -190,8 +190,17 @@ class PreparedData:
         self.dir = Path(directory)
         if not (self.dir / "manifest.json").is_file():
             raise MobileMoEError(f"{self.dir} is not prepared data (no manifest.json); run `mobilemoe data prepare`")
-        self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        try:
+            self.manifest = json.loads((self.dir / "manifest.json").read_text())
+            self.manifest["sources"].items()
+        except (ValueError, KeyError, AttributeError):
+            raise MobileMoEError(f"{self.dir / 'manifest.json'} is truncated or corrupt. "
+                                 f"{self.rebuild_hint()}") from None
         self.tokenizer = Tokenizer.load(self.dir / "tokenizer.json")
+
+    def rebuild_hint(self) -> str:
+        recipe = getattr(self, "manifest", {}).get("recipe_file", "<the data recipe>")
+        return f"Rebuild it: delete {self.dir} and run `mobilemoe data prepare {recipe}`."
 
     def source_names(self) -> list[str]:
         return list(self.manifest["sources"])
@@ -219,13 +228,28 @@ class PreparedData:
                                  "data recipe with a smaller tokenizer")
 
     def verify(self) -> None:
-        """Open every shard (index/data/mask agree) and compare tokens.bin checksums with the manifest."""
+        """Re-hash the tokenizer and every shard file (tokens, index, loss mask) against manifest.json and open
+        every shard (index, data and mask agree); a MobileMoEError lists every problem and how to rebuild."""
+        problems = []
+        want = self.manifest.get("tokenizer", {}).get("sha256")
+        if want and file_sha256(self.dir / "tokenizer.json") != want:
+            problems.append(f"{self.dir / 'tokenizer.json'} does not match its checksum in manifest.json")
         for name, info in self.manifest["sources"].items():
             for split in ("train", "val"):
-                shard = Shard.open(self.shard_dir(name, split))
-                if shard.meta["sha256"] != info[split]["sha256"]:
-                    raise MobileMoEError(f"shard {shard.directory} does not match manifest.json (checksum); "
-                                         "delete the directory and re-run `mobilemoe data prepare`")
+                directory = self.shard_dir(name, split)
+                for file_name, digest in (info[split].get("files") or {"tokens.bin": info[split]["sha256"]}).items():
+                    file = directory / file_name
+                    if not file.is_file():
+                        problems.append(f"{file} is missing")
+                    elif file_sha256(file) != digest:
+                        problems.append(f"{file} does not match its checksum in manifest.json (changed or corrupt)")
+                try:
+                    Shard.open(directory)
+                except MobileMoEError as err:
+                    problems.append(str(err).split(". ")[0])
+        if problems:
+            raise MobileMoEError(f"{self.dir} failed verification:\n  " + "\n  ".join(dict.fromkeys(problems)) +
+                                 f"\n{self.rebuild_hint()}")
 
 
 # --- the pipeline ---------------------------------------------------------------------------------
@@ -336,16 +360,23 @@ def encode_documents(tok: Tokenizer, docs: list[D.Document], chunk: int = 512
             yield from tok.encode_chat_batch(batch)
 
 
-def prepare(recipe_path: str | Path, out: str | Path | None = None, quiet: bool = False) -> PreparedData:
-    """Prepare the data a recipe names (once: a finished output directory is reused) and return it."""
+def prepare(recipe_path: str | Path, out: str | Path | None = None, quiet: bool = False,
+            force: bool = False) -> PreparedData:
+    """Prepare the data a recipe names (once: a finished output directory is reused) and return it.
+
+    An explicit `out` that holds anything but our own prepared data is refused unless `force` (which
+    replaces it)."""
     recipe = load_data_recipe(recipe_path)
     key = recipe_key(recipe)
+    explicit = out is not None
     out = Path(out) if out else cache_root() / "prepared" / f"{recipe.name}-{key}"
-    if (out / "manifest.json").is_file() and json.loads((out / "manifest.json").read_text()).get("key") == key:
+    if _manifest_key(out) == key:
         data = PreparedData(out)
         if not quiet:
             print_summary(data.manifest, cached=True)
         return data
+    if explicit:
+        claim_dir(out, "prepared-data", force)
     start = time.perf_counter()
     leaked = benchmark_ngrams(recipe) if recipe.leakage.get("benchmarks") else set()
     splits, counts = {}, {}
@@ -360,7 +391,7 @@ def prepare(recipe_path: str | Path, out: str | Path | None = None, quiet: bool 
     tokenizer_s = time.perf_counter() - t
     t = time.perf_counter()
     sources: dict[str, Any] = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "prepared-data", force=force or not explicit) as tmp:
         tok.save(tmp / "tokenizer.json")
         total_docs = sum(len(s[0]) + len(s[1]) for s in splits.values())
         with progress(disable=quiet) as bar:
@@ -377,8 +408,9 @@ def prepare(recipe_path: str | Path, out: str | Path | None = None, quiet: bool 
         tokenize_s = time.perf_counter() - t
         tokens = sum(s[split]["tokens"] for s in sources.values() for split in ("train", "val"))
         manifest = {"name": recipe.name, "key": key, "recipe": recipe.raw, "format": FORMAT_VERSION,
+                    "recipe_file": str(Path(recipe_path).resolve()),
                     "tokenizer": {"vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "source": str(tok.source),
-                                  "sha256": hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()},
+                                  "sha256": file_sha256(tmp / "tokenizer.json")},
                     "leakage": {"ngram": int(recipe.leakage.get("ngram", 13)), "benchmark_ngrams": len(leaked),
                                 "benchmarks": recipe.leakage.get("benchmarks", [])},
                     "sources": sources,
@@ -390,6 +422,14 @@ def prepare(recipe_path: str | Path, out: str | Path | None = None, quiet: bool 
     if not quiet:
         print_summary(manifest, cached=False)
     return data
+
+
+def _manifest_key(directory: Path) -> str | None:
+    """The recipe key of the prepared data in `directory`; None if there is none (or it is unreadable: rebuilt)."""
+    try:
+        return json.loads((directory / "manifest.json").read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _advance(items: Iterator, bar, task) -> Iterator:

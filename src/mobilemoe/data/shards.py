@@ -4,7 +4,7 @@
                  vocab fits, else uint32), read through a numpy memmap
     index.npy    int64 document offsets into tokens.bin, length n_docs + 1 (index[0] = 0, index[-1] = n_tokens)
     mask.bin     optional, uint8 per token: 1 where the token is a training target (SFT: assistant tokens)
-    meta.json    dtype, counts, vocab size, EOS id and the sha256 of tokens.bin
+    meta.json    dtype, counts, vocab size, EOS id and the sha256 of tokens.bin, index.npy and mask.bin
 
 A shard is written into a fresh directory by `write_shard` (the caller renames a finished parent directory
 into place, see `prepare`), and `Shard.open` checks that the index, mask and data agree before anything reads.
@@ -35,13 +35,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+DATA_FILES = ("tokens.bin", "index.npy", "mask.bin")
+
+
 @dataclass
 class ShardStats:
     documents: int
     tokens: int
     loss_tokens: int  # tokens that are training targets (all of them without a mask)
-    sha256: str
+    sha256: str  # of tokens.bin
     bytes: int
+    files: dict[str, str]  # sha256 of every data file of the shard (tokens.bin, index.npy, mask.bin)
 
 
 def write_shard(directory: Path, docs: Iterable[tuple[list[int], list[bool] | None]], vocab_size: int,
@@ -71,10 +75,12 @@ def write_shard(directory: Path, docs: Iterable[tuple[list[int], list[bool] | No
     if not masked:
         (directory / "mask.bin").unlink()
     np.save(directory / "index.npy", np.asarray(offsets, dtype=np.int64))
+    files = {name: file_sha256(directory / name) for name in DATA_FILES if (directory / name).is_file()}
     stats = ShardStats(documents=len(offsets) - 1, tokens=offsets[-1], loss_tokens=loss_tokens,
-                       sha256=file_sha256(directory / "tokens.bin"), bytes=(directory / "tokens.bin").stat().st_size)
+                       sha256=files["tokens.bin"], bytes=(directory / "tokens.bin").stat().st_size, files=files)
     meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id, "masked": bool(masked),
-            "documents": stats.documents, "tokens": stats.tokens, "loss_tokens": loss_tokens, "sha256": stats.sha256}
+            "documents": stats.documents, "tokens": stats.tokens, "loss_tokens": loss_tokens, "sha256": stats.sha256,
+            "files": files}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1))
     return stats
 
@@ -103,9 +109,15 @@ class Shard:
         if missing:
             raise MobileMoEError(f"{where} is incomplete (missing {', '.join(missing)}); re-run "
                                  "`mobilemoe data prepare` to rebuild it")
-        meta = json.loads((directory / "meta.json").read_text())
-        dtype = np.dtype(meta["dtype"])
-        offsets = np.load(directory / "index.npy")
+        file = directory / "meta.json"
+        try:
+            meta = json.loads(file.read_text())
+            dtype = np.dtype(meta["dtype"])
+            file = directory / "index.npy"
+            offsets = np.load(file)  # never pickled: np.load refuses object arrays
+        except (ValueError, KeyError, TypeError, EOFError, OSError) as err:
+            raise MobileMoEError(f"{where} is corrupt: {file.name} cannot be read ({err}). Delete it and re-run "
+                                 "`mobilemoe data prepare`.") from None
         size = (directory / "tokens.bin").stat().st_size
         n_tokens = size // dtype.itemsize
         bad = None

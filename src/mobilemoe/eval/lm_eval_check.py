@@ -23,7 +23,7 @@ from typing import Any
 
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.eval import data
-from mobilemoe.eval.runner import load_for_eval, multiple_choice_metrics
+from mobilemoe.eval.runner import load_for_eval, model_label, multiple_choice_metrics
 from mobilemoe.eval.tasks import get_task
 
 # our task -> (lm-eval's YAML under lm_eval/tasks/, the fetched arrow directory, YAML fields swapped for this copy
@@ -51,7 +51,8 @@ def write_lm_eval_tasks(directory: Path, names: Sequence[str]) -> list[str]:
     out = []
     for name in names:
         yaml_file, arrow_dir, swaps = CHECKABLE[name]
-        files = [str(p) for p in sorted(data.existing(f"hf_datasets/{arrow_dir}", name).glob("data-*.arrow"))]
+        files = [str(data.verified(p))
+                 for p in sorted(data.existing(f"hf_datasets/{arrow_dir}", name).glob("data-*.arrow"))]
         fields = {"include": str(tasks_dir / yaml_file), "task": f"mobilemoe_{name}", "dataset_path": "arrow",
                   "dataset_name": None, "dataset_kwargs": {"data_files": {"validation": files}},
                   "training_split": None, "validation_split": "validation", "test_split": None, **swaps}
@@ -107,7 +108,7 @@ def check_against_lm_eval(model: Any, tasks: str | Sequence[str] = DEFAULT_CHECK
             "requests_differing": sum(a != b for a, b in zip(pairs, their_pairs, strict=True)),
             "max_loglik_diff": max(abs(a - b) for (a, _), b in zip(ours, their_lls, strict=True)),
         }
-    result = {"model": loaded.path.name, "limit": limit, "tasks": results}
+    result = {"model": model_label(loaded.path), "limit": limit, "tasks": results}
     result["table"] = check_table_markdown(result)
     return result
 

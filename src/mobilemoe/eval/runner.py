@@ -20,7 +20,7 @@ from typing import Any
 from mobilemoe.checkpoint import LoadedModel
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.eval.tasks import MultipleChoice, Task, Text, resolve_tasks
-from mobilemoe.io import atomic_write_text
+from mobilemoe.io import atomic_write_text, claim_dir, mark_dir
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import Tokenizer
 
@@ -112,7 +112,7 @@ def evaluate(model: str | Path | LoadedModel | Transformer, tasks: str | Sequenc
             results[task.name] = {"metrics": metrics, "primary": task.primary, "score": metrics[task.primary],
                                   "n": len(todo), "split": task.split}
     suite = [r["score"] for r in results.values() if r["primary"] in PERCENT_METRICS]
-    name = label or loaded.path.name + (" INT4" if int4 else "")
+    name = label or model_label(loaded.path) + (" INT4" if int4 else "")
     result = {"model": name, "source": str(loaded.path), "int4": loaded.int4, "limit": limit,
               "tasks": results, "average": sum(suite) / len(suite) if suite else None,
               "seconds": round(time.perf_counter() - started, 1)}
@@ -206,15 +206,41 @@ def results_table_markdown(results: dict[str, Any] | Sequence[dict[str, Any]]) -
     return "\n".join(lines)
 
 
-def write_results(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
-    """results.json and results.md into `out_dir`."""
-    out = Path(out_dir)
+def model_label(path: str | Path) -> str:
+    """A name that tells checkpoints of different runs apart: a directory named final, best or step-N gets up to
+    three parents (stopping at `runs`), e.g. runs/qs/qat/final -> qs-qat-final."""
+    parts = Path(path).resolve().parts
+    label = [parts[-1]]
+    generic = label[0] in ("final", "best") or label[0].startswith("step-")
+    for part in reversed(parts[:-1]) if generic else ():
+        if part in ("runs", "/") or len(label) == 4:
+            break
+        if part != "checkpoints":
+            label.insert(0, part)
+    return "-".join(label)
+
+
+def write_results(result: dict[str, Any], out_dir: str | Path, force: bool = False) -> list[Path]:
+    """results.json and results.md into `out_dir`; results of another model there are replaced only with `force`."""
+    out = claim_dir(out_dir, "eval-results", force)
+    previous = _previous_source(out / "results.json")
+    if previous is not None and Path(previous).resolve() != Path(result.get("source", "")).resolve() and not force:
+        raise MobileMoEError(f"{out} holds the results of another model ({previous}); nothing was written. Pass "
+                             "--out DIR for these results, or --force to replace those.")
     out.mkdir(parents=True, exist_ok=True)
+    mark_dir(out, "eval-results")
     written = []
     for name, text in (("results.json", json.dumps(result, indent=2)), ("results.md", result["table"] + "\n")):
         atomic_write_text(out / name, text)
         written.append(out / name)
     return written
+
+
+def _previous_source(file: Path) -> str | None:
+    try:
+        return json.loads(file.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_results(path: str | Path) -> dict[str, Any]:

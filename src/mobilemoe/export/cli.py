@@ -8,12 +8,17 @@ from mobilemoe.argtypes import positive_int
 
 
 def _export(args: argparse.Namespace) -> None:
+    from mobilemoe.io import claim_dir, claim_file
     from mobilemoe.ui import console, human_bytes
 
     if args.target == "hf":
+        claim_dir(args.output, "hf-export", args.force)  # before any work
+    else:
+        claim_file(args.output)
+    if args.target == "hf":
         from mobilemoe.export.hf import export_hf
 
-        out = export_hf(args.checkpoint, args.output)
+        out = export_hf(args.checkpoint, args.output, force=args.force)
     elif args.target == "gguf":
         from mobilemoe.export.gguf import export_gguf
 
@@ -28,14 +33,16 @@ def _export(args: argparse.Namespace) -> None:
 
 def _import(args: argparse.Namespace) -> None:
     from mobilemoe.checkpoint import save_model
+    from mobilemoe.io import claim_dir
     from mobilemoe.ui import console
 
     if args.source == "hf":
         from mobilemoe.export.hf import import_hf as load
     else:
         from mobilemoe.export.released import load_released as load
+    claim_dir(args.checkpoint, "checkpoint", args.force)  # before the (slow) load
     loaded = load(args.directory)
-    save_model(args.checkpoint, loaded.model, loaded.tokenizer)
+    save_model(args.checkpoint, loaded.model, loaded.tokenizer, force=args.force)
     console.print(f"wrote checkpoint {args.checkpoint}")
 
 
@@ -47,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output directory (hf) or file (gguf, pte)")
     p.add_argument("--quant", default="q8_0", choices=["q4_0", "q8_0", "f16", "f32"], help="GGUF weight type")
     p.add_argument("--max-seq-len", type=positive_int, default=256, help="pte: static KV-cache length")
+    p.add_argument("--force", action="store_true", help="hf: replace the output directory even if it holds "
+                   "something other than an HF export we wrote (its contents are deleted)")
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("import", help="convert a Hugging Face export or a released facebook/MobileMoE-* "
@@ -54,4 +63,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", choices=["hf", "released"])
     p.add_argument("directory", help="local directory to read")
     p.add_argument("checkpoint", help="checkpoint directory to write")
+    p.add_argument("--force", action="store_true", help="replace the checkpoint directory even if it holds "
+                   "something other than a checkpoint we wrote (its contents are deleted)")
     p.set_defaults(handler=_import)

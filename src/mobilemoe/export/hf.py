@@ -26,7 +26,7 @@ from mobilemoe.config import ModelConfig, RopeScaling
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export import as_loaded
 from mobilemoe.export.gguf import CHAT_TEMPLATE
-from mobilemoe.io import atomic_dir
+from mobilemoe.io import atomic_dir, claim_dir
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import Tokenizer
 
@@ -144,10 +144,12 @@ def hf_tokenizer(tokenizer: Tokenizer):
     return fast
 
 
-def export_hf(source: str | Path | LoadedModel, directory: str | Path) -> Path:
-    """Write a directory `AutoModelForCausalLM.from_pretrained` loads without trust_remote_code."""
+def export_hf(source: str | Path | LoadedModel, directory: str | Path, force: bool = False) -> Path:
+    """Write a directory `AutoModelForCausalLM.from_pretrained` loads without trust_remote_code (replacing an
+    existing one only if it is our own HF export, or `force`)."""
+    claim_dir(directory, "hf-export", force)
     hf_model, tokenizer = to_hf(source)
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, "hf-export", force) as tmp:
         hf_model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -69,7 +69,12 @@ def load_table(path: str | Path, rename: dict[str, str] | None = None):
     path = Path(path)
     if not path.is_file():
         raise MobileMoEError(f"results table not found: {path}")
-    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError, OSError) as err:  # pandas' ParserError is a ValueError
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MobileMoEError(f"{path}: not a readable {'parquet' if path.suffix == '.parquet' else 'CSV'} table "
+                             f"({detail})") from None
     table = table.rename(columns=rename or {})
     if "tokens" not in table and {"flops", "params"} <= set(table.columns):
         table["tokens"] = table["flops"] / (6 * table["params"])
@@ -83,10 +88,26 @@ def check_columns(table, form: LawForm, where: str) -> None:
             f"{where}: missing column(s) {', '.join(missing)} needed by the {form.name} law; it has "
             f"{', '.join(map(str, table.columns))}. Rename columns with --rename 'Their Name=params' (or give "
             "'flops' and 'params' for tokens = flops / 6N).")
+    import pandas as pd
+
+    for column in [*form.columns, *(c for c in ("experts", "top_k") if c in table and c not in form.columns)]:
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad_rows = np.flatnonzero(~np.isfinite(values.to_numpy(float)))
+        if len(bad_rows):
+            first = bad_rows[0]
+            more = f" (and {len(bad_rows) - 1} more rows)" if len(bad_rows) > 1 else ""
+            raise MobileMoEError(
+                f"{where}: column '{column}' must hold a finite number in every row; row {first + 1} holds "
+                f"{_shown(table[column].iloc[first])}{more}. Fix or remove those rows.")
+        table[column] = values
     bad = table[(table["params"] <= 0) | (table["tokens"] <= 0) | (table["loss"] <= 0)]
     if len(bad):
         raise MobileMoEError(f"{where}: params, tokens and loss must be positive; {len(bad)} row(s) are not, "
                              f"e.g. row {bad.index[0]}")
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _columns(table) -> dict[str, np.ndarray]:

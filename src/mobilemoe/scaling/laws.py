@@ -133,7 +133,7 @@ def load_law(path: str | Path) -> Law:
         form = get_form(data["law"])
         groups = {k: {name: float(g["coefficients"][name]) for name in form.coefficients}
                   for k, g in data["groups"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
         raise MobileMoEError(f"{path}: not a law file (needs 'law' and 'groups' with every coefficient of the "
                              f"form): {err}") from None
     return Law(form, groups, source=data.get("source", str(path)))

@@ -10,7 +10,7 @@ def _train(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.recipe)
     run_recipe(recipe, args.out or f"runs/{recipe.name}", stage=args.stage, resume=args.resume,
-               parallel_mode=args.parallel)
+               parallel_mode=args.parallel, force=args.force)
 
 
 def _heldout(args: argparse.Namespace) -> None:
@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default runs/<recipe name>)")
     p.add_argument("--stage", help="run only this stage (it starts from the previous stage's final weights)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="write into --out even if it is a non-empty directory "
+                   "that is not a run (nothing in it is deleted; files named like ours are replaced)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="data parallelism under torchrun (default ddp)")
     p.set_defaults(handler=_train)

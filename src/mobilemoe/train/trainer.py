@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import yaml
+from rich.markup import escape
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -31,7 +32,7 @@ from torch import Tensor
 from mobilemoe.checkpoint import load_model, save_model, write_model_files
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.io import atomic_dir, atomic_write_text
+from mobilemoe.io import atomic_dir, atomic_write_text, claim_dir, mark_dir
 from mobilemoe.model import Transformer, count_parameters
 from mobilemoe.quantize import prepare_qat
 from mobilemoe.train import parallel
@@ -188,8 +189,8 @@ class StageTrainer:
                 self.load_checkpoint(path)
             except BrokenCheckpoint as err:
                 if self.world.is_main:
-                    console.print(f"[yellow]{self.stage.name}: checkpoint {path.name} cannot be used ({err}); "
-                                  "falling back to the one before it[/]")
+                    console.print(f"[yellow]{self.stage.name}: checkpoint {path.name} cannot be used "
+                                  f"({escape(str(err))}); falling back to the one before it[/]")
                 continue
             if self.world.is_main:
                 console.print(f"[bold]{self.stage.name}[/]: resumed from {path} (step {self.step})")
@@ -298,9 +299,9 @@ class StageTrainer:
         if int4:
             plain = Transformer(self.cfg)
             plain.load_state_dict(weights)
-            save_model(path, plain, self.tokenizer, int4=True)
+            save_model(path, plain, self.tokenizer, int4=True, force=True)  # our own run directory
         else:
-            save_model(path, self.raw_model, self.tokenizer, tensors=weights)
+            save_model(path, self.raw_model, self.tokenizer, tensors=weights, force=True)
 
 
 # The fields that fix the tensors' shapes and how they are wired: a checkpoint trains under a recipe's model
@@ -406,10 +407,11 @@ def _log_tensorboard(writer, stage: str, record: dict[str, Any]) -> None:
 
 
 def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: str | None = None,
-               resume: bool = False, parallel_mode: str = "ddp") -> dict[str, Any]:
+               resume: bool = False, parallel_mode: str = "ddp", force: bool = False) -> dict[str, Any]:
     """Run every stage in order (or only `stage`), each from the previous stage's final weights.
 
     A stage whose `final/` exists is done and skipped. Returns the summary also written to summary.json.
+    `out_dir` must be new, empty or a run directory (`force`: write into it anyway; nothing is deleted).
     """
     recipe = as_recipe(recipe)
     out = Path(out_dir)
@@ -418,7 +420,9 @@ def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: s
 
     data = None
     if world.is_main:  # prepare once; the other ranks then open the cached result
+        claim_dir(out, "run", force)
         out.mkdir(parents=True, exist_ok=True)
+        mark_dir(out, "run")
         (out / "recipe.yaml").write_text(yaml.safe_dump(_recipe_dict(recipe), sort_keys=False))
         data = prepare(recipe.data_path())
     parallel.barrier(world)
