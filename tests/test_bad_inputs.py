@@ -257,8 +257,9 @@ def test_generate_numbers(refused, world, args, pattern):
     (["bench", "--prompt-lens", "256,abc"], r"--prompt-lens: must be an integer"),
     (["bench", "--threads", "0"], r"--threads: must be a positive integer"),
     (["export", "pte", "ckpt", "m.pte", "--max-seq-len", "0"], r"--max-seq-len: must be a positive integer"),
+    (["serve", "ckpt", "--port", "70000"], r"--port: must be in \[0, 65535\], got '70000'"),
 ], ids=["memory-text", "memory-negative", "bits-0", "max-active", "bootstrap", "limit-negative", "limit-0",
-        "batch-size", "prompt-lens", "threads", "max-seq-len"])
+        "batch-size", "prompt-lens", "threads", "max-seq-len", "port"])
 def test_cli_numbers(refused, argv, pattern):
     refused(*argv, patterns=[pattern])
 
@@ -397,6 +398,11 @@ def test_eval_out_refuses_a_user_directory_and_another_models_results(refused, c
     other = shutil.copytree(world["ckpt"], tmp_path / "other")
     refused("eval", other, "--tasks", "text:heldout.txt", "--out", tmp_path / "res",
             patterns=[r"res holds the results of another model \(.*ckpt\)", r"--force"])
+
+
+def test_plot_of_a_wrong_path_creates_nothing(refused, tmp_path):
+    refused("plot", tmp_path / "nothere", patterns=[r"nothere has no \*/metrics.jsonl"])
+    assert not (tmp_path / "nothere").exists()
 
 
 def test_eval_with_nothing_to_do_or_unknown_task(refused, world):
@@ -542,6 +548,21 @@ def test_resume_with_every_checkpoint_broken_says_what_to_do(refused, world, tmp
         (checkpoint / "rng.safetensors").unlink()
     refused("train", world["root"] / "recipe.yaml", "--out", run, "--resume",
             patterns=[r"none of the 2 checkpoint\(s\) in .*checkpoints can be read", r"Move that directory away"])
+
+
+def test_unknown_stage_or_missing_data_creates_no_run(refused, world, tmp_path):
+    refused("train", world["root"] / "recipe.yaml", "--stage", "sft", patterns=[r"recipe 't' has no stage 'sft'"])
+    data = yaml.safe_load(world["data"].read_text())
+    data["sources"]["prose"]["from"] = [str(tmp_path / "gone")]
+    recipe = recipe_with(world, tmp_path, lambda r: r.update(data=str(write_yaml(tmp_path / "data.yaml", data))))
+    refused("train", recipe, "--out", tmp_path / "run", patterns=[r"gone does not exist"])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_truncated_summary_is_named(refused, world, tmp_path):
+    run = shutil.copytree(world["run"], tmp_path / "run")
+    (run / "summary.json").write_text('{"stages": {"pretrain": ')
+    refused("train", world["root"] / "recipe.yaml", "--out", run, patterns=[r"summary.json is truncated or corrupt"])
 
 
 def test_rerun_without_resume_is_refused(refused, world, tmp_path):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mobilemoe.argtypes import non_empty, non_negative_float, non_negative_int, positive_int, positive_ints, probability
+from mobilemoe.argtypes import (
+    non_empty,
+    non_negative_float,
+    non_negative_int,
+    number,
+    positive_int,
+    positive_ints,
+    probability,
+)
 
 
 def _load(args: argparse.Namespace):
@@ -80,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
         p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
         p.add_argument("--top-p", type=probability, default=1.0, help="1 = off")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=non_negative_int, default=0)
         p.add_argument("--compile", action="store_true",
                        help="capture the decode step with torch.compile (faster decode after a one-off compile)")
         p.set_defaults(handler=lambda a, chat=(verb == "chat"): _generate(a, chat))
@@ -90,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--int4", action="store_true", help="run INT4 weights through the engine's int4 kernels")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--name", help="model id clients send (default: the model config's name)")
     p.set_defaults(handler=_serve)
 

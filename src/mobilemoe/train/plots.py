@@ -32,8 +32,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, label: str 
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "plots"
+    stages = read_metrics(run_dir)  # before creating anything: a wrong path leaves no directory behind
     out.mkdir(parents=True, exist_ok=True)
-    stages = read_metrics(run_dir)
     written = []
 
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -418,19 +418,24 @@ def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: s
     world = parallel.init_world()
     from mobilemoe.data import prepare
 
+    selected = [recipe.stage(stage)] if stage else recipe.stages  # an unknown --stage fails before any work
     data = None
     if world.is_main:  # prepare once; the other ranks then open the cached result
         claim_dir(out, "run", force)
+        data = prepare(recipe.data_path())  # before the run directory exists: bad data leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
         mark_dir(out, "run")
-        (out / "recipe.yaml").write_text(yaml.safe_dump(_recipe_dict(recipe), sort_keys=False))
-        data = prepare(recipe.data_path())
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(_recipe_dict(recipe), sort_keys=False))
     parallel.barrier(world)
     if data is None:
         data = prepare(recipe.data_path())
     summary_file = out / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"stages": {}}
-    selected = [recipe.stage(stage)] if stage else recipe.stages
+    try:
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"stages": {}}
+        summary["stages"].items()
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise MobileMoEError(f"{summary_file} is truncated or corrupt; delete it (stages then count as not done and "
+                             "train again) or restore it") from None
     for s in selected:
         index = recipe.stages.index(s)
         final = out / s.name / "final"
