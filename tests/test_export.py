@@ -278,6 +278,16 @@ def test_pte_greedy_tokens_match_the_quantized_model(loaded, tmp_path):
     assert runner.greedy(ids, 8) == PteRunner.greedy(_EagerSteps(quantized_decoder(loaded, 32)), ids, 8)
 
 
+@pytest.mark.slow  # torch.export + XNNPACK lowering, ~40 s on two shared cores
+def test_pte_of_a_dense_model_with_smollm2s_49k_vocabulary(tmp_path):
+    from mobilemoe.export.pte import PteRunner, export_pte, quantized_decoder
+
+    dense = tiny_model(n_layers=1, n_routed_experts=0, ffn_size=128, qk_norm=False, vocab_size=49152)
+    ids = dense.tokenizer.encode(PROMPT)
+    runner = PteRunner(export_pte(dense, tmp_path / "m.pte", max_seq_len=32))
+    assert runner.greedy(ids, 8) == PteRunner.greedy(_EagerSteps(quantized_decoder(dense, 32)), ids, 8)
+
+
 class _EagerSteps:
     """The eager quantized module behind PteRunner's step interface."""
 

@@ -94,15 +94,21 @@ def _losses(run, stage):
     return [r["loss"] for r in map(json.loads, (run / stage / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_sft_qat_and_ptq_control_from_an_imported_checkpoint(imported, tmp_path):
-    assert load_model(imported / "imported").model.cfg.name == "hf-export"  # not the recipe's 'micro-dense'
+@pytest.fixture(scope="module")
+def finetuned(imported, tmp_path_factory):
+    """SFT -> QAT, and the float control stage(s), from the imported checkpoint: (recipe, run dir, summary)."""
     stages = [_stage("sft", "sft", init_from=str(imported / "imported")),
               _stage("qat", "qat", lr=1e-4, data_seed=5),
               _stage("sft_more", "sft", lr=1e-4, data_seed=5, init_from="sft"),
               _stage("sft_more_again", "sft", lr=1e-4, data_seed=5, init_from="sft")]
     recipe = {"name": "ft", "seed": 3, "model": LLAMA, "data": str(imported / "data.yaml"), "stages": stages}
-    summary = run_recipe(recipe, tmp_path / "run")
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("run")
+    return recipe, run, run_recipe(recipe, run)
+
+
+def test_sft_qat_and_ptq_control_from_an_imported_checkpoint(imported, finetuned, tmp_path):
+    assert load_model(imported / "imported").model.cfg.name == "hf-export"  # not the recipe's 'micro-dense'
+    recipe, run, summary = finetuned
     parent = load_model(imported / "imported").model
     from mobilemoe.data import PackedBatches
 
@@ -113,9 +119,50 @@ def test_sft_qat_and_ptq_control_from_an_imported_checkpoint(imported, tmp_path)
     parent_loss, sft_loss = (r["loss"] for r in heldout_losses(recipe, [imported / "imported", run / "sft" / "final"]))
     assert sft_loss < parent_loss and sft_loss == pytest.approx(summary["stages"]["sft"]["final_val_loss"], rel=1e-6)
     assert load_model(run / "qat" / "final").int4 and not load_model(run / "sft_more" / "final").int4
+    # PTQ of the control in memory scores exactly what its saved INT4 checkpoint scores
+    control = load_model(run / "sft_more" / "final")
+    save_model(tmp_path / "ptq", control.model, control.tokenizer, int4=True)
+    ptq_in_memory, ptq_saved = heldout_losses(recipe, [run / "sft_more" / "final", tmp_path / "ptq"], int4=True)
+    assert ptq_in_memory["int4"] and ptq_in_memory["loss"] == ptq_saved["loss"]
     # init_from names an earlier stage; equal data_seed: the same batches, so two float runs are identical
     assert _losses(run, "sft_more") == _losses(run, "sft_more_again")
     assert _losses(run, "sft_more")[0] != _losses(run, "sft")[0]
+
+
+def _greedy(model, ids, n):
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+def test_the_qat_output_exports_to_hf_and_gguf_with_equal_greedy_tokens(finetuned, tmp_path):
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    from mobilemoe.export.gguf import export_gguf
+    from mobilemoe.export.hf import export_hf
+
+    _, run, _ = finetuned
+    result = load_model(run / "qat" / "final")  # INT4, dequantized: the weights QAT trained against
+    prompt = result.tokenizer.encode_chat([{"role": "user", "content": "the whale?"}], add_generation_prompt=True)[0]
+    want = _greedy(result.model, prompt, 8)
+    hf = AutoModelForCausalLM.from_pretrained(export_hf(result, tmp_path / "hf"))  # stock, no remote code
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        assert hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist() == want
+    llm = Llama(str(export_gguf(result, tmp_path / "m.gguf", "f32")), n_ctx=64, logits_all=True, verbose=False,
+                n_threads=1)
+    try:
+        llm.eval(prompt)
+        got = []
+        for _ in range(8):
+            got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([got[-1]])
+        assert got == want
+    finally:
+        llm.close()
 
 
 def test_same_architecture_under_another_name_is_accepted(imported, tmp_path):

@@ -17,7 +17,7 @@ def _heldout(args: argparse.Namespace) -> None:
     from mobilemoe.train.heldout import heldout_losses, heldout_table
     from mobilemoe.ui import console
 
-    rows = heldout_losses(args.recipe, args.checkpoints, stage=args.stage)
+    rows = heldout_losses(args.recipe, args.checkpoints, stage=args.stage, int4=args.int4)
     console.print(f"held-out loss on the val data of stage '{rows[0]['stage']}' of {args.recipe}")
     console.print(heldout_table(rows), markup=False)
 
@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoints", nargs="+", help="checkpoint directories")
     p.add_argument("--stage", help="stage whose mixture, seq_len and eval_batches to use (default: the first sft "
                    "stage)")
+    p.add_argument("--int4", action="store_true", help="round float checkpoints to INT4 g32 first (post-training "
+                   "quantization); INT4 checkpoints are scored as they are")
     p.set_defaults(handler=_heldout)
 
     p = sub.add_parser("plot", help="loss curves and expert-load heat maps of a run, as PNG")

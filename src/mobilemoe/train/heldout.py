@@ -14,10 +14,10 @@ from mobilemoe.train.recipe import Recipe, as_recipe
 from mobilemoe.train.trainer import heldout_loss
 
 
-def heldout_losses(recipe: Recipe | str | Path | dict[str, Any], checkpoints: list[str | Path], stage: str | None = None
-                   ) -> list[dict[str, Any]]:
+def heldout_losses(recipe: Recipe | str | Path | dict[str, Any], checkpoints: list[str | Path],
+                   stage: str | None = None, int4: bool = False) -> list[dict[str, Any]]:
     """[{checkpoint, model, int4, loss}] on the val split of `stage`'s mixture (default: the recipe's first
-    sft stage, else its first stage)."""
+    sft stage, else its first stage). `int4`: float checkpoints are first rounded to INT4 g32 (PTQ)."""
     from mobilemoe.data import prepare
 
     recipe = as_recipe(recipe)
@@ -26,6 +26,11 @@ def heldout_losses(recipe: Recipe | str | Path | dict[str, Any], checkpoints: li
     rows = []
     for path in checkpoints:
         loaded = load_model(path)
+        if int4 and not loaded.int4:
+            from mobilemoe.eval.runner import quantize_weights_int4
+
+            quantize_weights_int4(loaded.model)
+            loaded.int4 = True
         data.check_vocab(loaded.model.cfg.vocab_size)
         loss = heldout_loss(loaded.model, data, list(s.mixture.items()), s.seq_len, s.batch_size, s.eval_batches)
         rows.append({"checkpoint": str(path), "model": loaded.model.cfg.name, "int4": loaded.int4,
@@ -35,6 +40,6 @@ def heldout_losses(recipe: Recipe | str | Path | dict[str, Any], checkpoints: li
 
 def heldout_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of `heldout_losses` rows."""
-    lines = ["| checkpoint | weights | held-out loss |", "|---|---|---|"]
+    lines = ["| checkpoint | weights | held-out loss |", "|---|---|---|"]  # INT4: a QAT output or PTQ
     lines += [f"| {r['checkpoint']} | {'INT4 g32' if r['int4'] else 'float'} | {r['loss']:.4f} |" for r in rows]
     return "\n".join(lines)
