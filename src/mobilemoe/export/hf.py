@@ -25,7 +25,6 @@ from mobilemoe.checkpoint import LoadedModel
 from mobilemoe.config import ModelConfig, RopeScaling
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export import as_loaded
-from mobilemoe.export.gguf import CHAT_TEMPLATE
 from mobilemoe.io import atomic_dir, claim_dir
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import Tokenizer
@@ -139,8 +138,8 @@ def hf_tokenizer(tokenizer: Tokenizer):
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, eos_token=tokenizer.hf.id_to_token(tokenizer.eos_id),
                                    pad_token=tokenizer.hf.id_to_token(tokenizer.eos_id))
-    if tokenizer.im_start_id is not None:
-        fast.chat_template = CHAT_TEMPLATE
+    if tokenizer.im_start_id is not None or "chat_template" in tokenizer.config:
+        fast.chat_template = tokenizer.chat_template
     return fast
 
 

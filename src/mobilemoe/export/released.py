@@ -78,13 +78,13 @@ def released_config(raw: dict, where: str) -> ModelConfig:
         raise MobileMoEError(f"{where}: required field {err} is missing") from None
 
 
-def _half_from_interleaved(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+def half_from_interleaved(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Per head, rows (0, 2, 4, ..., 1, 3, 5, ...): interleaved-pair RoPE layout -> rotate-half layout."""
     heads = weight.reshape(-1, head_dim // 2, 2, weight.shape[-1])
     return heads.transpose(1, 2).reshape(weight.shape)
 
 
-def _interleaved_from_half(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+def interleaved_from_half(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     heads = weight.reshape(-1, 2, head_dim // 2, weight.shape[-1])
     return heads.transpose(1, 2).reshape(weight.shape)
 
@@ -103,7 +103,7 @@ def _layout(model: Transformer, rope_layout: RopeLayout, to_ours: bool
     def rope(t: torch.Tensor) -> torch.Tensor:
         if rope_layout == "half":
             return t
-        return (_half_from_interleaved if to_ours else _interleaved_from_half)(t, cfg.head_dim)
+        return (half_from_interleaved if to_ours else interleaved_from_half)(t, cfg.head_dim)
 
     out = {"model.embed_tokens.weight": (model.embed.weight, same), "model.norm.weight": (model.norm.weight, same)}
     for i, block in enumerate(model.layers):
