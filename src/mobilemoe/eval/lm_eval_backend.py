@@ -5,7 +5,7 @@ Importing this module registers it; then
 works through `python -m mobilemoe.eval.lm_eval_cli` (lm-eval has no plugin discovery for models), and
 `lm_eval.simple_evaluate(model="mobilemoe", model_args="checkpoint=DIR", ...)` works after the import.
 The backend scores with `mobilemoe.eval.scoring.Scorer`, the same code `mobilemoe eval` uses, so both give
-identical log-likelihoods and therefore identical acc / acc_norm.
+the same log-likelihoods (up to float32 rounding: lm-eval forms its own batches) and the same acc / acc_norm.
 """
 
 from __future__ import annotations

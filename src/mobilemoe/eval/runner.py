@@ -8,6 +8,7 @@ Accuracy-type scores are fractions in [0, 1]; tables show them as percentages.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -70,6 +71,8 @@ def load_for_eval(source: str | Path | LoadedModel | Transformer, tokenizer: str
         raise MobileMoEError(f"tokenizer {loaded.tokenizer.source} has {loaded.tokenizer.vocab_size} tokens but the "
                              f"model's vocabulary has {loaded.model.cfg.vocab_size}: they do not belong together")
     if int4 and not loaded.int4:
+        if isinstance(source, LoadedModel | Transformer):  # the caller's model stays float
+            loaded = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, False, loaded.path)
         quantize_weights_int4(loaded.model)
         loaded.int4 = True
     return loaded

@@ -10,6 +10,7 @@ the rc.wikipedia.nocontext validation subset, same questions and prompt format).
 from __future__ import annotations
 
 import difflib
+import gzip
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -228,14 +229,15 @@ DEFAULT_SUITE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "social_iqa",
 
 
 def text_task(path: str | Path) -> Task:
-    """Held-out perplexity on a text file (.txt: one document; .jsonl: one document per line's "text")."""
+    """Held-out perplexity on a text file (.txt: one document; .jsonl or .jsonl.gz, e.g. the corpus shipped in
+    mobilemoe/assets/embedded/: one document per line's "text")."""
     path = Path(path)
     if not path.is_file():
         raise MobileMoEError(f"text file {path} does not exist")
 
     def load() -> list[Example]:
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
                 return [Text(json.loads(line)["text"]) for line in f if line.strip()]
         return [Text(path.read_text(encoding="utf-8"))]
 
