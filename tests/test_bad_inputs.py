@@ -303,6 +303,17 @@ def test_chat_with_stdin_closed_ends_cleanly(cli, world, monkeypatch):
     assert code == 0 and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("change, pattern", [
+    (lambda s: s.update(grid={"d_model": [64]}), r"s.yaml: field 'grid' must be a list, got \{"),
+    (lambda s: s.update(gird=s.pop("grid")), r"s.yaml: unknown key 'gird'; did you mean 'grid'"),
+    (lambda s: s.update(stage={"steps": "many"}), r"s.yaml: stage: field 'steps' must be an integer, got 'many'"),
+], ids=["grid-mapping", "grid-typo", "stage-steps"])
+def test_sweep_spec_fields(refused, world, tmp_path, change, pattern):
+    spec = {"name": "s", "recipe": str(world["root"] / "recipe.yaml"), "grid": [{"d_model": [64]}]}
+    change(spec)
+    refused("scaling", "sweep", write_yaml(tmp_path / "s.yaml", spec), patterns=[pattern])
+
+
 def test_law_and_profile_files(refused, tmp_path):
     (tmp_path / "law.json").write_text('{"law": "chinchilla", "groups": {"all": {"coefficients": {"A": "big"')
     refused("scaling", "plan", "--law", tmp_path / "law.json", patterns=[r"law.json: not a law file"])
@@ -336,6 +347,25 @@ def test_export_hf_refuses_a_user_directory_then_force_replaces_it(refused, cli,
     assert cli("export", "hf", world["ckpt"], out, "--force")[0] == 0
     assert not (out / "thesis.tex").exists() and (out / "config.json").is_file()
     assert cli("export", "hf", world["ckpt"], out)[0] == 0  # our own export is replaced without --force
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda d: (d / "config.json").write_text("{"),
+    lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:2000]),
+], ids=["truncated-config", "truncated-weights"])
+def test_import_of_a_broken_hf_export_is_named(refused, cli, world, tmp_path, breakage):
+    assert cli("export", "hf", world["ckpt"], tmp_path / "hf")[0] == 0
+    breakage(tmp_path / "hf")
+    refused("import", "hf", tmp_path / "hf", tmp_path / "ckpt",
+            patterns=[r"hf: transformers cannot read it \(.+\); re-create it with `mobilemoe export hf`"])
+
+
+@pytest.mark.parametrize("verb", [["eval"], ["import", "released"]], ids=["eval", "import-released"])
+def test_truncated_json_reaching_the_handler_names_the_file(refused, world, tmp_path, verb):
+    ckpt = broken_checkpoint(world, tmp_path, lambda c: (c / "config.json").write_text('{"model_type": "mo'))
+    (tmp_path / "x.txt").write_text("the whale")
+    args = ["--tasks", "text:x.txt"] if verb == ["eval"] else [tmp_path / "out"]
+    refused(*verb, ckpt, *args, code=1, patterns=[r"ckpt/config.json is truncated or is not valid JSON"])
 
 
 def test_import_refuses_a_user_directory_before_loading(refused, world, tmp_path):

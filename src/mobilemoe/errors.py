@@ -89,19 +89,20 @@ def _format_error(err: BaseException) -> str | None:
 
 
 def _where(err: BaseException, filename: object = None) -> str:
-    """The file an error is about: the OS error's own file name, else the innermost `path`/`file`/`directory`
-    variable of MobileMoE code on the traceback (the file it was reading or writing)."""
+    """The file an error is about: the OS error's own file name, else, in the innermost frame of MobileMoE code
+    on the traceback, a variable that names a file (`file`, `config_file`, ...), a `path` or a `directory`."""
     if filename:
         return str(filename)
-    frame_path = None
+    found = None
     tb: types.TracebackType | None = err.__traceback__
     while tb is not None:
         frame = tb.tb_frame
         if frame.f_globals.get("__name__", "").startswith("mobilemoe"):
-            for name in ("file", "path", "directory"):
-                value = frame.f_locals.get(name)
-                if isinstance(value, str | Path):
-                    frame_path = value
+            paths = {name: value for name, value in frame.f_locals.items() if isinstance(value, Path)}
+            for suffix in ("file", "path", "directory"):
+                named = [value for name, value in paths.items() if name.endswith(suffix)]
+                if named:
+                    found = named[0]
                     break
         tb = tb.tb_next
-    return str(frame_path) if frame_path is not None else "a file this command reads or writes"
+    return str(found) if found is not None else "a file this command reads or writes"

@@ -162,9 +162,9 @@ def import_hf(directory: str | Path) -> LoadedModel:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise MobileMoEError(f"{directory} is not a Hugging Face model directory: config.json is missing")
-    hf_cfg = AutoConfig.from_pretrained(directory)
+    hf_cfg = _hf_read(directory, AutoConfig.from_pretrained, directory)
     cfg = _our_config(hf_cfg, directory)
-    hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    hf_model = _hf_read(directory, AutoModelForCausalLM.from_pretrained, directory, dtype=torch.float32)
     hf_weights = hf_model.state_dict()
     for name in _qk_norm_names(hf_model):
         if not torch.all(hf_weights[name] == 1):
@@ -176,6 +176,18 @@ def import_hf(directory: str | Path) -> LoadedModel:
             tensor.copy_(hf_weights[name])
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
     return LoadedModel(model, tokenizer, False, directory)
+
+
+def _hf_read(directory: Path, read, *args, **kwargs):
+    """transformers' reader, with its errors for a truncated or foreign file turned into one message."""
+    from safetensors import SafetensorError
+
+    try:
+        return read(*args, **kwargs)
+    except (OSError, ValueError, SafetensorError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MobileMoEError(f"{directory}: transformers cannot read it ({detail}); re-create it with "
+                             "`mobilemoe export hf`, or pass the right directory") from None
 
 
 def _our_config(hf_cfg, directory: Path) -> ModelConfig:

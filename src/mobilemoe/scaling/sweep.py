@@ -24,13 +24,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mobilemoe.config import coerce, from_dict, granular_moe
-from mobilemoe.errors import ConfigError
+from mobilemoe.config import from_dict, granular_moe
 from mobilemoe.io import atomic_write_text, read_mapping
 from mobilemoe.ui import console
 
 COLUMNS = ["run", "d_model", "n_layers", "experts", "top_k", "granularity", "shared", "params", "total_params",
            "tokens", "flops", "loss", "best_loss", "wall_time_s"]
+
+
+@dataclasses.dataclass
+class SweepSpec:
+    """The keys of a sweep spec (see the module docstring), checked by `config.from_dict`."""
+
+    name: str
+    recipe: str
+    grid: list[dict[str, Any]]
+    stage: dict[str, Any] = dataclasses.field(default_factory=dict)
+    base: dict[str, Any] = dataclasses.field(default_factory=dict)
+    out: str | None = None
 
 
 def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,15 +77,11 @@ def run_sweep(spec_path: str | Path, out: str | Path | None = None) -> Path:
     from mobilemoe.train.trainer import run_recipe
 
     spec_path = Path(spec_path)
-    spec = read_mapping(spec_path)
-    for key in ("name", "recipe", "grid"):
-        if key not in spec:
-            raise ConfigError(f"{spec_path}: missing key '{key}'")
+    spec = dataclasses.asdict(from_dict(SweepSpec, read_mapping(spec_path), str(spec_path)))
     template = load_recipe(spec_path.parent / spec["recipe"])
-    overrides = coerce(spec.get("stage", {}), dict[str, Any], str(spec_path), "stage")
-    stage = from_dict(StageConfig, {**dataclasses.asdict(template.stages[0]), **overrides},
+    stage = from_dict(StageConfig, {**dataclasses.asdict(template.stages[0]), **spec["stage"]},
                       f"{spec_path}: stage").validate(f"{spec_path}: stage")
-    out = Path(out or spec.get("out", f"results/scaling/{spec['name']}"))
+    out = Path(out or spec["out"] or f"results/scaling/{spec['name']}")
     points = expand(spec)
     n_layers = spec.get("base", {}).get("n_layers", template.model_config().n_layers)
     names = [run_name(p, stage.steps) for p in points]
