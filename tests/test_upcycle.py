@@ -123,6 +123,7 @@ def test_upcycled_checkpoint_goes_through_every_room(parent, tmp_path):
     from mobilemoe.infer.engine import load_int4_model
     from mobilemoe.infer.generate import generate_tokens
     from mobilemoe.train import run_recipe
+    from mobilemoe.train.recipe import parse_recipe, start_from
 
     moe_dir = tmp_path / "moe"
     grow(parent, moe_dir)
@@ -136,12 +137,12 @@ def test_upcycled_checkpoint_goes_through_every_room(parent, tmp_path):
                                                 "chat": {"kind": "sft", "from": [str(tmp_path / "chat.jsonl")]}}}))
     stage = {"steps": 3, "seq_len": 32, "batch_size": 2, "eval_every": 3, "eval_batches": 1, "checkpoint_every": 3,
              "log_every": 1, "lr": 1e-3}
-    recipe = {"name": "up", "model": str(moe_dir / "config.json"), "data": str(data), "stages": [
-        {"name": "midtrain", "kind": "midtrain", "mixture": {"prose": 1.0}, "init_from": str(moe_dir), **stage},
-        {"name": "qat", "kind": "qat", "mixture": {"chat": 1.0}, **stage}]}
+    recipe = parse_recipe({"name": "up", "model": "micro-dense", "data": str(data), "stages": [
+        {"name": "midtrain", "kind": "midtrain", "mixture": {"prose": 1.0}, **stage},
+        {"name": "qat", "kind": "qat", "mixture": {"chat": 1.0}, **stage}]})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOBILEMOE_CACHE", str(tmp_path / "cache"))
-        summary = run_recipe(recipe, tmp_path / "run")
+        summary = run_recipe(start_from(recipe, moe_dir), tmp_path / "run")  # `train --init-from`
     int4_dir = tmp_path / "run" / "qat" / "final"
     assert summary["stages"]["midtrain"]["steps"] == 3
 

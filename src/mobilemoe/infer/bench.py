@@ -1,9 +1,10 @@
 """`mobilemoe bench`: the on-device profile of INT4 models on this CPU, side by side in one run.
 
-For each preset (random INT4 weights, made directly in the INT4 format): prefill tok/s and time to first
-token at each prompt length, decode tok/s at each context, INT4 weight bytes, resident memory after
-loading, and decode bandwidth use (active weight bytes per token x tok/s over this machine's measured
-copy bandwidth). Prompts are real text (the embedded Moby Dick, as UTF-8 byte ids), so the routing sees
+For each preset (random INT4 weights, made directly in the INT4 format) or INT4 checkpoint directory (its
+trained weights, e.g. a QAT stage's final/): prefill tok/s and time to first token at each prompt length,
+decode tok/s at each context, INT4 weight bytes, resident memory after loading, and decode bandwidth use
+(active weight bytes per token x tok/s over this machine's measured copy bandwidth). Prompts are real text
+(the embedded Moby Dick; through a checkpoint's tokenizer, else as UTF-8 byte ids), so the routing sees
 real token sequences. All models stay loaded and take turns in every measurement (median of 3 rounds).
 """
 
@@ -18,7 +19,13 @@ from pathlib import Path
 import torch
 
 from mobilemoe.config import get_preset
-from mobilemoe.infer.engine import COMPUTE_DTYPE, build_int4_model, compile_decode, random_int4_tensors
+from mobilemoe.infer.engine import (
+    COMPUTE_DTYPE,
+    build_int4_model,
+    compile_decode,
+    load_int4_model,
+    random_int4_tensors,
+)
 from mobilemoe.model import Transformer, build_on_meta, count_parameters
 from mobilemoe.quantize import INT4_BYTES_PER_PARAM, weight_bytes
 from mobilemoe.ui import console, human_bytes, human_count
@@ -52,11 +59,11 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def real_text_ids(n: int, vocab: int) -> list[int]:
+def real_text_ids(n: int, vocab: int, tokenizer=None) -> list[int]:
     from mobilemoe.data.documents import read_embedded
 
     text = "".join(doc for doc, _ in zip(read_embedded("moby-dick"), range(50), strict=False) if isinstance(doc, str))
-    ids = [b % vocab for b in text.encode()]
+    ids = tokenizer.encode(text) if tokenizer is not None else [b % vocab for b in text.encode()]
     return (ids * (n // len(ids) + 1))[:n]
 
 
@@ -66,16 +73,22 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
     """Every measurement alternates between the models round by round (median of `rounds`), so load on
     a shared machine hits them alike. With `compile`, decode runs the torch.compile'd step (compiled once
     per context length, before timing)."""
-    models, results = [], []
+    models, results, tokenizers = [], [], {}
     for preset in presets:
-        cfg = get_preset(preset)
+        if (Path(preset) / "config.json").is_file():
+            model, tokenizers[preset] = load_int4_model(preset)
+            cfg = model.cfg
+        else:
+            cfg = get_preset(preset)
+            model = build_int4_model(cfg, random_int4_tensors(cfg))
         meta = build_on_meta(cfg)
         count = count_parameters(meta)
-        models.append(build_int4_model(cfg, random_int4_tensors(cfg)))
+        models.append(model)
         results.append(ModelBench(preset, count.active, count.total, weight_bytes(meta),
                                   weight_bytes(meta) - _inactive_expert_bytes(meta), _rss()))
     longest = max(prompt_lens + contexts) + rounds * decode_steps + 2
-    ids = {id(m): real_text_ids(longest, m.cfg.vocab_size) for m in models}
+    ids = {id(m): real_text_ids(longest, m.cfg.vocab_size, tokenizers.get(name))
+           for m, name in zip(models, presets, strict=True)}
     for model in models:
         _prefill(model, ids[id(model)][:32])  # warm-up
     for n in prompt_lens:

@@ -103,8 +103,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("bench", help="INT4 prefill/decode speed and memory of presets, side by side")
-    p.add_argument("--preset", default="mobilemoe-s")
-    p.add_argument("--vs", nargs="*", default=["mobilellm-pro"], help="presets to compare against (last = base)")
+    p.add_argument("--preset", default="mobilemoe-s", help="preset (random INT4 weights) or INT4 checkpoint directory")
+    p.add_argument("--vs", nargs="*", default=["mobilellm-pro"], help="presets or INT4 checkpoint directories to "
+                   "compare against (last = base)")
     p.add_argument("--prompt-lens", type=positive_ints, default="256,1024",
                    help="comma-separated prompt lengths for prefill")
     p.add_argument("--contexts", type=positive_ints, default="256,1024", help="comma-separated contexts for decode")

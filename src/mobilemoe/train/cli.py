@@ -9,6 +9,10 @@ def _train(args: argparse.Namespace) -> None:
     from mobilemoe.train import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.init_from:
+        from mobilemoe.train.recipe import start_from
+
+        recipe = start_from(recipe, args.init_from)
     run_recipe(recipe, args.out or f"runs/{recipe.name}", stage=args.stage, resume=args.resume,
                parallel_mode=args.parallel, force=args.force)
 
@@ -38,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--force", action="store_true", help="write into --out even if it is a non-empty directory "
                    "that is not a run (nothing in it is deleted; files named like ours are replaced)")
+    p.add_argument("--init-from", help="checkpoint directory: train its architecture from its weights (sets the "
+                   "recipe's model and its first stage's init_from)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="data parallelism under torchrun (default ddp)")
     p.set_defaults(handler=_train)

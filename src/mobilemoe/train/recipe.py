@@ -13,7 +13,7 @@ Each stage starts from the previous stage's final weights (or `init_from`, a che
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,6 +119,16 @@ def parse_recipe(data: dict[str, Any], where: str = "recipe", base_dir: Path = P
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     return parse_recipe(read_mapping(path), where=str(path), base_dir=path.parent)
+
+
+def start_from(recipe: Recipe, checkpoint: str | Path) -> Recipe:
+    """`recipe` with `checkpoint`'s architecture as its model and its first stage starting from `checkpoint`'s
+    weights: one recipe for several models (e.g. a dense model and the MoEs upcycled from it, same batches)."""
+    config = Path(checkpoint) / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"--init-from {checkpoint} is not a checkpoint directory (no config.json)")
+    stages = [replace(recipe.stages[0], init_from=str(checkpoint)), *recipe.stages[1:]]
+    return replace(recipe, model=str(config), stages=stages)
 
 
 def as_recipe(recipe: Recipe | str | Path | dict[str, Any]) -> Recipe:
