@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -27,11 +28,16 @@ def _heldout(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from mobilemoe.train.plots import plot_run
+    from mobilemoe.train.plots import plot_compare, plot_run
     from mobilemoe.ui import console
 
-    for path in plot_run(args.run, args.out):
-        console.print(f"wrote {path}")
+    for run in args.run:
+        for path in plot_run(run, args.out and Path(args.out) / Path(run).name if len(args.run) > 1 else args.out):
+            console.print(f"wrote {path}")
+    if len(args.run) > 1:
+        out = Path(args.out or ".")
+        out.mkdir(parents=True, exist_ok=True)
+        console.print(f"wrote {plot_compare(args.run, out / 'compare_loss.png')}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_heldout)
 
     p = sub.add_parser("plot", help="loss curves and expert-load heat maps of a run, as PNG")
-    p.add_argument("run", help="run directory written by `mobilemoe train`")
-    p.add_argument("--out", help="output directory (default <run>/plots)")
+    p.add_argument("run", nargs="+", help="run directories written by `mobilemoe train`; with several, also "
+                   "compare_loss.png with all their loss curves")
+    p.add_argument("--out", help="output directory (default <run>/plots; with several runs, <out>/<run name>/ "
+                   "each and compare_loss.png in <out>, default .)")
     p.set_defaults(handler=_plot)

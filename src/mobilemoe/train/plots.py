@@ -69,3 +69,32 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, label: str 
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def plot_compare(run_dirs: list[str | Path], path: str | Path) -> Path:
+    """Loss curves of several runs on one axis (every stage, cumulative tokens): train loss as lines, held-out
+    loss as markers, e.g. MoEs and the dense control trained by the same recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for run_dir in map(Path, run_dirs):
+        offset, colour = 0, None
+        for records in read_metrics(run_dir).values():
+            tokens = [offset + r["tokens"] for r in records]
+            line, = ax.plot(tokens, [r["loss"] for r in records], alpha=0.7, color=colour,
+                            label=run_dir.name if colour is None else None)
+            colour = line.get_color()
+            val = [(offset + r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+            if val:
+                ax.plot(*zip(*val, strict=True), "o", color=colour, markersize=7, markeredgecolor="black")
+            offset = tokens[-1] if tokens else offset
+    ax.set(xlabel="tokens (cumulative over stages)", ylabel="loss (nats/token)",
+           title="train loss (lines) and held-out loss at each stage's end (dots)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
