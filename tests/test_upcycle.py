@@ -98,17 +98,21 @@ def test_bad_shapes_are_clear_errors(shape, method, match):
 
 def test_cli_planner_terms_and_its_errors(parent, tmp_path, capsys):
     out = tmp_path / "moe"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
     main(["upcycle", str(parent), str(out), "--coarse-experts", "1", "--granularity", "8", "--shared-slots", "2",
           "--calibration-tokens", "512"])
     assert load_model(out).model.cfg.n_routed_experts == 6
     assert json.loads((out / "upcycle.json").read_text())["planner_terms"]["g"] == 8
-    for argv, message in (([str(out), "--coarse-experts", "1", "--granularity", "8"], "exists and is not empty"),
+    for argv, message in (([str(tmp_path / "mine"), "--coarse-experts", "1", "--granularity", "8"],
+                           "holds files mobilemoe did not write"),
                           ([str(tmp_path / "x"), "--experts", "6", "--coarse-experts", "1"], "one way"),
                           ([str(tmp_path / "x"), "--experts", "6"], "also needs --expert-size, --top-k"),
                           ([str(tmp_path / "x"), "--coarse-experts", "1", "--granularity", "5"], "must divide")):
         with pytest.raises(SystemExit) as exit_:
             main(["upcycle", str(parent), *argv, "--calibration-tokens", "512"])
         assert exit_.value.code != 0 and message in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     with pytest.raises(SystemExit):
         main(["upcycle", str(out), str(tmp_path / "y"), "--experts", "6", "--expert-size", "32", "--top-k", "2"])
     assert "already an MoE" in capsys.readouterr().err

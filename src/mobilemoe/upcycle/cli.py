@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from mobilemoe.argtypes import non_negative_float, non_negative_int, number, positive_int
 
@@ -14,6 +13,7 @@ PLANNER = ("coarse_experts", "granularity")
 def _upcycle(args: argparse.Namespace) -> None:
     from mobilemoe.checkpoint import load_config
     from mobilemoe.errors import MobileMoEError
+    from mobilemoe.io import claim_dir
     from mobilemoe.upcycle.grow import MoEShape, print_report, upcycle
 
     fine = [getattr(args, n) is not None for n in (*FINE, "shared_size")]
@@ -21,9 +21,7 @@ def _upcycle(args: argparse.Namespace) -> None:
     if any(fine) == any(planner):
         raise MobileMoEError("give the MoE shape one way: --experts/--expert-size/--top-k [--shared-size], or the "
                              "planner's --coarse-experts/--granularity [--coarse-top-k --shared-slots --coarse-size]")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise MobileMoEError(f"{out} exists and is not empty; choose another OUT or pass --force to replace it")
+    out = claim_dir(args.out, "checkpoint", args.force)  # before the (slow) calibration
     ffn_size = load_config(args.dense).ffn_size
     terms = None
     if any(fine):
@@ -40,7 +38,7 @@ def _upcycle(args: argparse.Namespace) -> None:
         shape = MoEShape.from_planner(ffn_size, terms["E"], terms["g"], terms["k"], terms["shared_slots"],
                                       terms["coarse_size"])
     record = upcycle(args.dense, out, shape, args.method, noise=args.noise,
-                     calibration_tokens=args.calibration_tokens, seed=args.seed, planner_terms=terms)
+                     calibration_tokens=args.calibration_tokens, seed=args.seed, planner_terms=terms, force=args.force)
     print_report(record, out)
 
 
@@ -69,5 +67,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-tokens", type=number(int, 64, what="at least 64"), default=4096,
                    help="tokens of embedded text that neuron activity and the router are fitted on")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true", help="replace OUT even if it is not a checkpoint we wrote")
     p.set_defaults(handler=_upcycle)

@@ -56,7 +56,7 @@ from torch import Tensor
 from mobilemoe.checkpoint import LoadedModel, load_model, write_model_files
 from mobilemoe.config import ModelConfig, granular_moe
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.io import atomic_dir
+from mobilemoe.io import atomic_dir, claim_dir
 from mobilemoe.model import FeedForward, MoE, Transformer, count_parameters
 from mobilemoe.quantize import GROUP_SIZE
 from mobilemoe.ui import console, progress
@@ -308,9 +308,10 @@ def upcycle_layer(ffn: FeedForward, moe: MoE, x: Tensor, shape: MoEShape, method
 # --- the whole model -------------------------------------------------------------------------------------
 def upcycle(parent: str | Path | LoadedModel, out: str | Path, shape: MoEShape, method: str = "split",
             noise: float = 0.01, calibration_tokens: int = 4096, seed: int = 0,
-            planner_terms: dict[str, int] | None = None) -> dict[str, Any]:
+            planner_terms: dict[str, int] | None = None, force: bool = False) -> dict[str, Any]:
     """Write the upcycled checkpoint to `out` (config.json, model.safetensors, tokenizer.json, upcycle.json)
-    and return the upcycle.json record."""
+    and return the upcycle.json record. An existing `out` is replaced only if it is a checkpoint (or `force`)."""
+    claim_dir(out, "checkpoint", force)
     loaded = parent if isinstance(parent, LoadedModel) else load_model(parent)
     cfg, tokenizer = loaded.model.cfg, loaded.tokenizer
     if cfg.is_moe:
@@ -350,7 +351,7 @@ def upcycle(parent: str | Path | LoadedModel, out: str | Path, shape: MoEShape, 
               "params": {"parent_active": before.active, "parent_total": before.total,
                          "active": after.active, "total": after.total},
               "layers": [dataclasses.asdict(r) for r in reports]}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "checkpoint", force) as tmp:
         write_model_files(tmp, child, tokenizer)
         (tmp / "upcycle.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
