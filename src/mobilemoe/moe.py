@@ -12,6 +12,7 @@ down [E, D, I].
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,9 @@ class Router(nn.Module):
         self.scaling = cfg.routed_scaling_factor
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.z_loss_coef
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.d_model))
+        # Transformer.init_weights sets the value; initialising as nn.Linear does keeps the random stream, so
+        # a seed builds the same model it built when the router was an nn.Linear.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         # Aux-loss-free balancing bias: changes which experts are selected, never the output weights;
         # updated by `MoE.update_expert_bias` outside the gradient.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))

@@ -222,7 +222,7 @@ def build_int4_model(cfg: ModelConfig, tensors: dict[str, Tensor]) -> Transforme
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, MoE):
             shared = _int4_ffn(f"{name}.shared_expert", q) if module.shared_expert is not None else None
-            router = Router(cfg)
+            router = module.router.to_empty(device="cpu")  # filled from the checkpoint, never initialised
             router.load_state_dict({key: tensors[f"{name}.router.{key}"] for key in router.state_dict()})
             setattr(parent, attr, Int4MoE(cfg, router, q(f"{name}.gate_up_proj"), q(f"{name}.down_proj"), shared))
         elif isinstance(module, FeedForward) and ".shared_expert" not in name:
