@@ -96,7 +96,7 @@ def test_paper_granularity_reading():
 
 
 def test_int4_bytes_near_paper():
-    # PAPER.md: ~0.68 GB (S) and ~2.75 GB (L) of INT4 weights (int4 + fp16 scales per 32).
+    # MobileMoE (arXiv 2605.27358): ~0.68 GB (S) and ~2.75 GB (L) of INT4 weights (int4 + fp16 scales per 32).
     s = weight_bytes(build_on_meta(get_preset("mobilemoe-s"))) / 2**30
     big = weight_bytes(build_on_meta(get_preset("mobilemoe-l"))) / 2**30
     assert 0.62 < s < 0.72 and 2.6 < big < 2.9

@@ -23,7 +23,7 @@ from mobilemoe.scaling.plan import (
     plan,
 )
 
-CHINCHILLA_CSV = Path("/work/shared/data/chinchilla_epoch_replication.csv")
+CHINCHILLA_CSV = Path(__file__).parents[1] / "data" / "chinchilla_epoch_replication.csv"  # see data/README.md
 TRUE = {"A": 400.0, "B": 1800.0, "E": 1.7, "alpha": 0.34, "beta": 0.28}
 
 
@@ -47,7 +47,6 @@ def test_fit_recovers_a_known_law_from_noisy_data(tmp_path):
     assert all(f.exists() for f in files) and len(files) == 4
 
 
-@pytest.mark.skipif(not CHINCHILLA_CSV.exists(), reason="shared published data not on this machine")
 def test_fit_on_real_chinchilla_data_matches_epochs_refit():
     table = load_table(CHINCHILLA_CSV, {"Model Size": "params", "Training FLOP": "flops"})
     got = fit_table(table, "chinchilla", bootstrap=0, drop_highest=5).groups["all"].coefficients

@@ -240,7 +240,8 @@ def granular_moe(d_model: int, experts: int, granularity: int, top_k: int = 1, s
     A coarse expert is a SwiGLU of hidden size `expansion * d_model` (or `coarse_size`, e.g. an upcycled
     parent's FFN width); granularity g splits each into g fine experts of size coarse/g, giving E*g fine
     slots of which top_k*g are active per token. `shared_slots` of the active slots become one always-on
-    shared expert (PAPER.md: E=8, g=8, shared 4 slots -> 60 routed experts of d/2, top-4, shared 2d).
+    shared expert (MobileMoE-S in arXiv 2605.27358: E=8, g=8, shared 4 slots -> 60 routed experts of d/2,
+    top-4, shared 2d).
     """
     coarse = coarse_size or expansion * d_model
     size, rem = divmod(coarse, granularity)

@@ -139,7 +139,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self, rate: float) -> None:
-        """DeepSeek-V3 balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+        """DeepSeek-V3 balancing ("DeepSeek-V3 Technical Report", arXiv 2412.19437): raise the bias of
+        under-loaded experts, lower over-loaded ones."""
         load = self.load_since_update
         if load.sum() > 0:
             self.router.expert_bias += rate * torch.sign(load.mean() - load)

@@ -1,4 +1,4 @@
-"""The INT4 weight format (PAPER.md): symmetric int4 in [-8, 7], group size 32, fp16 scales.
+"""The INT4 weight format of MobileMoE (arXiv 2605.27358): symmetric int4 in [-8, 7], group size 32, fp16 scales.
 
 Quantized: attention q/k/v/o, dense and shared FFNs, every routed expert, the (tied) embedding.
 Kept in high precision: the router and expert bias (fp32), norms (16-bit).

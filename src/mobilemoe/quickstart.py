@@ -17,7 +17,7 @@ from mobilemoe.train.recipe import Recipe, load_recipe
 from mobilemoe.train.trainer import heldout_loss, run_recipe
 from mobilemoe.ui import console
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the package (a link to recipes/ in a checkout)
 MODELS = ("tiny-moe", "tiny-dense")
 
 

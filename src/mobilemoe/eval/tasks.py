@@ -223,7 +223,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 ALIASES = {"siqa": "social_iqa", "obqa": "openbookqa", "csqa": "commonsense_qa", "lambada": "lambada_openai",
            "arc_e": "arc_easy", "arc_c": "arc_challenge", "nq": "nq_open"}
-# The paper's 14 zero-shot benchmarks: its 8 named ones plus the 6 most likely others (PAPER.md).
+# The paper's 14 zero-shot benchmarks: its 8 named ones plus the 6 most likely others (arXiv 2605.27358).
 DEFAULT_SUITE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "social_iqa", "boolq", "winogrande", "openbookqa",
                  "mmlu", "commonsense_qa", "sciq", "lambada_openai", "triviaqa", "nq_open")
 

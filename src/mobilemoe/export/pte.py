@@ -9,7 +9,9 @@ group scales in bf16, so `quantized_decoder` rounds them to bf16 as well: the ea
 reference (SmolLM2-135M, first decode step: logits rel. error 3.7e-2 -> 1.6e-5).
 
 Routed experts: torchao quantizes only 2-D weights, and the ExecuTorch runtime executes a narrow set
-of MoE patterns (ECOSYSTEM.md). We keep the stacked experts in our INT4 storage format (packed uint8
+of MoE patterns (with ExecuTorch 1.5.1: a masked loop over experts, or top-k then `index_select` of
+stacked expert weights then einsum; sorted dispatch with grouped_mm is rejected by to_edge). We keep the
+stacked experts in our INT4 storage format (packed uint8
 + fp16 scales, `mobilemoe.quantize.quantize_int4`, so a QAT checkpoint's weights are reproduced
 exactly), and per token gather only the top-k experts with `index_select`, unpack and scale them, and
 apply them with `einsum` — only the selected experts are read and computed. These matmuls run in

@@ -3,7 +3,8 @@
 The hub is not reachable from here, so this mapping is built from public descriptions, not from a
 downloaded checkpoint (docs/interop.md lists what was and was not verified). The layout assumed:
 
-- config.json: `model_type: mobilemoe` with Llama-4-text field names (PAPER.md): hidden_size,
+- config.json: `model_type: mobilemoe` with Llama-4-text field names (as MobileMoE, arXiv 2605.27358,
+  describes the release): hidden_size,
   num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, vocab_size, rms_norm_eps,
   rope_theta + rope_scaling (llama3), num_local_experts, num_experts_per_tok, intermediate_size (routed
   expert), intermediate_size_mlp (shared expert, and dense layers), interleave_moe_layer_step,

@@ -1,8 +1,9 @@
 """Fitting scaling laws to a results table: Huber loss on log-loss residuals, L-BFGS from a grid of starts,
 bootstrap confidence intervals, plots.
 
-Hand-written because no library fits these forms the way the literature does (Hoffmann et al. 2022;
-Besiroglu et al. 2024 "Chinchilla scaling: a replication attempt"): the objective is
+Hand-written because no library fits these forms the way the literature does ("Training
+Compute-Optimal Large Language Models", Hoffmann et al. 2022, arXiv 2203.15556; "Chinchilla Scaling: A
+replication attempt", Besiroglu et al. 2024, arXiv 2404.10102): the objective is
 sum_i Huber_delta(log L_hat_i - log L_i) with log L_hat = logsumexp of the law's terms, minimised with
 L-BFGS from many initialisations because the surface has many shallow local minima. scipy supplies
 L-BFGS; the law, objective, start grid and bootstrap are here.

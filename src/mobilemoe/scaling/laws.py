@@ -1,4 +1,4 @@
-"""Scaling-law forms: Chinchilla and the joint MoE law of PAPER.md, and the law file (JSON) format.
+"""Scaling-law forms: Chinchilla and the joint MoE law MobileMoE plans with, and the law file (JSON) format.
 
 Both forms are written with positive exponents, as Chinchilla is (Hoffmann et al. 2022):
 
@@ -10,6 +10,13 @@ the exponents flipped (their N^(alpha + gamma ln Ê) with alpha < 0 is our N^-(a
 Ê = 1 (dense) it is Chinchilla. Ê is the transformed expert count of Clark et al. (2022), a saturating
 function of the sparsity S = E / k (routed FFN parameters stored per parameter used), so a dense model has
 S = 1 and Ê = 1. MobileMoE fits the joint law once per architecture group (granularity, top-k, shared).
+
+References: "Training Compute-Optimal Large Language Models" (Hoffmann et al. 2022, arXiv 2203.15556);
+"Joint MoE Scaling Laws: Mixture of Experts Can Be Memory Efficient" (Ludziejewski et al. 2025, arXiv
+2502.05172); "Unified Scaling Laws for Routed Language Models" (Clark et al. 2022, arXiv 2202.01169);
+"Scaling Laws for Fine-Grained Mixture of Experts" (Krajewski et al. 2024, arXiv 2402.07871); "Chinchilla
+Scaling: A replication attempt" (Besiroglu et al. 2024, arXiv 2404.10102); "DeepSeekMoE" (Dai et al. 2024,
+arXiv 2401.06066); "MobileMoE: Scaling On-Device Mixture of Experts" (Chen et al., Meta AI, arXiv 2605.27358).
 
 A law file holds `{"law": <form>, "groups": {<group key>: {"coefficients": {...}, ...}}, ...}`; fits write
 it and the planner reads it.
@@ -140,7 +147,7 @@ def load_law(path: str | Path) -> Law:
 
 
 def paper_scale_law() -> Law:
-    """The shipped coefficient set for planning at phone scale (PAPER.md's 6T-token, 0.3–0.9B-active regime).
+    """The shipped coefficient set for planning at phone scale (MobileMoE's 6T-token, 0.3–0.9B-active regime).
 
     MobileMoE's own fitted coefficients are not public, so this set is part measured, part assumed:
     - dense part (A, B, c, alpha, beta): Epoch AI's refit of Chinchilla (Besiroglu et al. 2024) — measured.

@@ -2,9 +2,9 @@
 
 Hand-written because no library searches MoE architectures under memory and compute constraints. The
 space: MobileLLM-like depth x width (head_dim 64, 4 kv heads), dense or MoE with E coarse experts of 4d, top-k,
-granularity g, and optionally a shared expert taking half of the active slots (PAPER.md's S: E=8, k=1,
-g=8, shared). Budgets: INT4 weight bytes (memory), active parameters (compute; FLOPs/token ~ 2 N_act),
-and optionally decode tokens/s on a device profile through a roofline.
+granularity g, and optionally a shared expert taking half of the active slots (MobileMoE-S of arXiv
+2605.27358: E=8, k=1, g=8, shared). Budgets: INT4 weight bytes (memory), active parameters (compute;
+FLOPs/token ~ 2 N_act), and optionally decode tokens/s on a device profile through a roofline.
 """
 
 from __future__ import annotations
