@@ -188,3 +188,28 @@ def test_same_shapes_but_another_architecture_is_refused(imported, tmp_path):
                                              r"'micro-dense' \(n_heads 2 vs 4; n_kv_heads 1 vs 2; head_dim 32 vs 16\)"):
         run_recipe(recipe, tmp_path / "run")
     assert not (tmp_path / "run" / "sft" / "final").exists()
+
+
+def test_smollm2_chat_data_is_in_its_vocabulary_and_template(smollm2, tmp_path, monkeypatch):
+    """The real model (skipped when the package registry is unreachable): chat data prepared with SmolLM2's
+    tokenizer holds its ids, its own chat template (default system prompt, digits one by one), and targets only
+    the assistant's turn."""
+    monkeypatch.setenv("MOBILEMOE_CACHE", str(tmp_path / "cache"))
+    tok = smollm2.tokenizer
+    (tmp_path / "ckpt").mkdir()
+    tok.save(tmp_path / "ckpt" / "tokenizer.json")  # what a checkpoint directory holds
+    chats = [[{"role": "user", "content": f"What is {i} plus 30?"}, {"role": "assistant", "content": f"{i + 30}."}]
+             for i in range(10)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({
+        "name": "smol", "val_fraction": 0.1, "tokenizer": {"path": str(tmp_path / "ckpt")},
+        "sources": {"chat": {"kind": "sft", "from": [str(tmp_path / "chat.jsonl")]}}}))
+    data = prepare(tmp_path / "data.yaml", quiet=True)
+    shard = Shard.open(data.shard_dir("chat", "train"))
+    ids, mask = shard.tokens[: shard.offsets[1]].tolist(), shard.mask[: shard.offsets[1]].tolist()
+    chat = next(c for c in chats if tok.encode_chat(c)[0] == ids[:-1])
+    assert tok.decode(ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert (tok.im_start_id, tok.im_end_id) == (1, 2) and ids.count(1) == 3 and ids.count(2) == 3
+    answer = chat[1]["content"]
+    assert tok.decode([t for t, m in zip(ids, mask, strict=True) if m]) == answer + "<|im_end|>"
+    assert sum(mask) == len(answer) + 1  # "42." is "4", "2", "." one token each, then <|im_end|>
