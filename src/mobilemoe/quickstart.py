@@ -1,5 +1,6 @@
 """The main job: a tiny MobileMoE and its dense twin (same active parameters) through all four stages on
-the embedded open data, then held-out losses, the QAT-vs-PTQ gap, benchmark scores and a report.
+the embedded open data, then held-out losses, the QAT-vs-PTQ gap, benchmark scores and a report, with a
+section on the real model (SmolLM2-135M-Instruct from the package registry) when the registry is reachable.
 
 Re-running continues where an interrupted run stopped (finished stages are skipped). It sits above the
 rooms it drives (train, eval), so training never depends on evaluation.
@@ -19,6 +20,7 @@ from mobilemoe.ui import console
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the package (a link to recipes/ in a checkout)
 MODELS = ("tiny-moe", "tiny-dense")
+CHAT_SAMPLE = ("My name is Ada and I live in Paris.", "What is my name?")
 
 
 def quickstart(fast: bool = False, out: str | Path | None = None) -> Path:
@@ -32,7 +34,9 @@ def quickstart(fast: bool = False, out: str | Path | None = None) -> Path:
         summaries[model] = run_recipe(recipe, run_dir, resume=(run_dir / "recipe.yaml").exists())
     console.rule("[bold]evaluation")
     results = {model: evaluate_run(base, out / model) for model in MODELS}
-    report = write_report(base, out, summaries, results)
+    console.rule("[bold]the real model")
+    real = real_model(out / "smollm2")
+    report = write_report(base, out, summaries, results, real)
     console.print(f"[bold green]quickstart done[/]: report at {report}")
     return report
 
@@ -76,7 +80,28 @@ def benchmark_scores(checkpoint: Path) -> dict[str, Any]:
         return {"note": str(err)}
 
 
-def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results: dict[str, dict]) -> Path:
+def real_model(ckpt: Path) -> dict[str, Any]:
+    """SmolLM2-135M-Instruct imported from the registry into `ckpt` (once) and a greedy two-turn chat with it; a
+    note instead when the registry cannot be reached (the rest of the quickstart is offline)."""
+    from mobilemoe.data.registry import FetchError
+    from mobilemoe.export.gguf_import import import_gguf
+    from mobilemoe.infer.generate import ChatSession
+
+    try:
+        if not (ckpt / "model.safetensors").is_file():
+            import_gguf("smollm2", ckpt)
+    except FetchError as err:
+        return {"note": f"the package registry could not be reached, so this section is skipped ({err})"}
+    loaded = load_model(ckpt)
+    session = ChatSession(loaded.model, loaded.tokenizer, max_context=512)
+    chat = [(question, session.reply(question, 48)) for question in CHAT_SAMPLE]
+    result = {"checkpoint": str(ckpt), "chat": chat}
+    atomic_write_json(ckpt.parent / "smollm2.json", result)
+    return result
+
+
+def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results: dict[str, dict],
+                 real: dict[str, Any]) -> Path:
     from mobilemoe.train.plots import plot_run
 
     lines = [f"# MobileMoE quickstart report ({recipe.name})", "",
@@ -111,6 +136,16 @@ def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results:
         lines.append(f"- {model}: {bench.get('note', '')}")
         if "table" in bench:
             lines += ["", bench["table"], ""]
+    lines += ["", "## The real model: SmolLM2-135M-Instruct", ""]
+    if "note" in real:
+        lines.append(f"Skipped: {real['note']}.")
+    else:
+        lines += [f"Imported from the registry (`mobilemoe import gguf smollm2 {real['checkpoint']}`, Apache-2.0) and "
+                  f"run as our float model; `mobilemoe chat {real['checkpoint']}` (or `make chat`) talks to it. A "
+                  "greedy two-turn chat (the second answer needs the first turn):", "", "```"]
+        for question, answer in real["chat"]:
+            lines += [f"you> {question}", f"model> {answer}"]
+        lines.append("```")
     lines += ["", "## Plots", ""]
     for model in summaries:
         for path in plot_run(out / model, out / "plots" / model, label=model):

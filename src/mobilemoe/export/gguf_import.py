@@ -8,8 +8,10 @@ cannot dequantize is refused by name). Architectures:
   Llama-3 RoPE scaling (a `rope_freqs` tensor) is fitted to our `RopeScaling` and checked exactly.
 - `qwen2`, `qwen3`: NeoX RoPE (rotate-half), weights as they are. qwen2's q/k/v biases and qwen3's
   learned q/k-norm scales are not part of our model: refused unless they are zeros / ones.
-- `dots1`: the round trip of `mobilemoe export gguf`, which writes GQA either as GQA or as MHA with every
-  K/V head repeated; exactly repeated heads are collapsed back to GQA.
+- `exaone-moe` (what `mobilemoe export gguf` writes for our MoE models) and `dots1` (what it wrote before,
+  GQA as MHA with every K/V head repeated; exactly repeated heads are collapsed back to GQA). exaone-moe
+  ropes only its sliding-window layers: a file with global (RoPE-less) layers or a window shorter than the
+  context is refused.
 
 Every tensor of the file must find its place in our model (or be an exact no-op as above): anything left
 over is refused by name, never dropped. The tokenizer is transformers' own GGUF conversion
@@ -34,7 +36,8 @@ from mobilemoe.io import atomic_dir, claim_dir
 from mobilemoe.model import Transformer, rope_frequencies
 from mobilemoe.tokenizer import Tokenizer
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "dots1")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "exaone-moe", "dots1")
+MOE_ARCHITECTURES = ("exaone-moe", "dots1")
 # What a checkpoint directory written here holds; only a directory holding nothing else may be replaced.
 CHECKPOINT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "source.json"}
 
@@ -116,7 +119,12 @@ def gguf_config(reader, tensors: dict[str, torch.Tensor], path: Path, name: str)
         tie_embeddings=output is None or torch.equal(output, embed),
         rope_theta=float(meta("rope.freq_base", 10_000.0)), rope_scaling=None,
         ffn_size=int(meta("feed_forward_length", 0)))
-    if arch == "dots1":
+    if arch == "exaone-moe":
+        pattern, window = meta("attention.sliding_window_pattern", 1), int(meta("attention.sliding_window", 0))
+        if not (pattern == 0 or isinstance(pattern, list) and all(pattern)) or window < cfg.max_seq_len:
+            raise MobileMoEError(f"{path}: exaone-moe with global (RoPE-less) layers or a sliding window ({window}) "
+                                 f"shorter than the context ({cfg.max_seq_len}) is not part of our model")
+    if arch in MOE_ARCHITECTURES:
         if int(meta("leading_dense_block_count", 0)):
             raise MobileMoEError(f"{path}: leading dense blocks are not part of our model (our dense layers "
                                  "interleave with MoE layers)")
@@ -134,7 +142,8 @@ def gguf_config(reader, tensors: dict[str, torch.Tensor], path: Path, name: str)
         cfg.routed_scaling_factor = float(meta("expert_weights_scale", 1.0))
         cfg.norm_topk_prob = bool(meta("expert_weights_norm", False))
         cfg.ffn_size = 0  # every layer is MoE (no leading dense blocks); we write feed_forward_length = expert size
-        cfg.n_kv_heads = _collapsed_kv_heads(tensors, cfg)
+        if arch == "dots1":
+            cfg.n_kv_heads = _collapsed_kv_heads(tensors, cfg)
     if "rope_freqs.weight" in tensors:
         cfg.rope_scaling = _fit_rope_scaling(tensors.pop("rope_freqs.weight"), cfg, path,
                                              _value(reader, f"{arch}.rope.scaling.original_context_length"))
@@ -164,8 +173,9 @@ def _heads_repeat(weight: torch.Tensor, n_kv: int, group: int) -> bool:
 def _fit_rope_scaling(factors: torch.Tensor, cfg: ModelConfig, path: Path, original: int | None) -> RopeScaling:
     """llama3 RoPE scaling from llama.cpp's per-frequency divisors (`rope_freqs`), checked exactly.
 
-    The divisors are 1 (short wavelengths), `factor` (long ones) and a smooth ramp between, linear in
-    1/wavelength; the ramp fixes low/high_freq_factor given the original context (1/8 of it if unstated).
+    The divisors are 1 (short wavelengths), `factor` (long ones) and between them a ramp linear in 1/wavelength,
+    which fixes (original context, low_freq_factor, high_freq_factor) up to a common scale: the original context
+    when the file states it, else low_freq_factor = 1 as in Llama 3.1 (the frequencies are the same either way).
     """
     factors = factors.double()
     factor = float(factors.max())
@@ -173,11 +183,12 @@ def _fit_rope_scaling(factors: torch.Tensor, cfg: ModelConfig, path: Path, origi
     ramp = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
     scaling = RopeScaling(factor=factor, original_max_position=int(original or 8192))
     if factor > 1 and int(ramp.sum()) >= 2:
-        smooth = (1 / factors[ramp] - 1 / factor) / (1 - 1 / factor)
+        smooth = (1 / factors[ramp] - 1 / factor) / (1 - 1 / factor)  # = original / (wavelen * span) - low / span
         slope, intercept = np.polyfit((inv_freq[ramp] / (2 * np.pi)).numpy(), smooth.numpy(), 1)
-        span = scaling.original_max_position / slope  # high_freq_factor - low_freq_factor
-        scaling.low_freq_factor = float(-intercept * span)
-        scaling.high_freq_factor = scaling.low_freq_factor + float(span)
+        span = original / slope if original else -1.0 / intercept  # span = high_freq_factor - low_freq_factor
+        scaling.low_freq_factor = round(float(-intercept * span), 6) if original else 1.0  # rounded: a least-squares
+        scaling.high_freq_factor = round(scaling.low_freq_factor + float(span), 6)  # fit of the float32 tensor
+        scaling.original_max_position = int(original or round(slope * span))
     ours = rope_frequencies(ModelConfig(rope_theta=cfg.rope_theta, head_dim=cfg.head_dim, rope_scaling=scaling))
     if not torch.allclose(ours.double(), (inv_freq / factors).float().double(), rtol=1e-5, atol=0):
         raise MobileMoEError(f"{path}: rope_freqs does not follow llama3 RoPE scaling; our model cannot reproduce it")
@@ -195,8 +206,8 @@ def _layer_map(cfg: ModelConfig, arch: str) -> dict[str, str]:
                 b + "attn_q.weight": o + "attn.q_proj.weight", b + "attn_k.weight": o + "attn.k_proj.weight",
                 b + "attn_v.weight": o + "attn.v_proj.weight", b + "attn_output.weight": o + "attn.o_proj.weight"}
         if cfg.is_moe_layer(i):
-            out |= {b + "ffn_gate_inp.weight": o + "ffn.router.weight", b + "exp_probs_b.bias": o + "ffn.expert_bias",
-                    b + "ffn_down_exps.weight": o + "ffn.down_proj"}
+            out |= {b + "ffn_gate_inp.weight": o + "ffn.router.weight", b + "ffn_down_exps.weight": o + "ffn.down_proj",
+                    b + "exp_probs_b.bias": o + "ffn.router.expert_bias"}
             if cfg.n_shared_experts:
                 out |= {b + f"ffn_{p}_shexp.weight": o + f"ffn.shared_expert.{p}_proj.weight"
                         for p in ("gate", "up", "down")}

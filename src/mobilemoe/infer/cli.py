@@ -17,18 +17,28 @@ from mobilemoe.argtypes import (
 
 
 def _load(args: argparse.Namespace):
-    """(model, tokenizer, cache dtype) from a checkpoint directory, float or INT4."""
+    """(model, tokenizer, cache dtype) from a checkpoint directory, float or INT4; `--int4` on a float checkpoint
+    rounds its weights to INT4 (g32, post-training) at load, as `save_model(..., int4=True)` would."""
     import torch
 
-    from mobilemoe.checkpoint import load_model
+    from mobilemoe.checkpoint import INT4_FORMAT, load_model, model_tensors, read_tensors
     from mobilemoe.errors import MobileMoEError
-    from mobilemoe.infer.engine import COMPUTE_DTYPE, load_int4_model
+    from mobilemoe.infer.engine import COMPUTE_DTYPE, build_int4_model, load_int4_model
+    from mobilemoe.ui import console
 
-    if args.int4:
-        model, tokenizer = load_int4_model(args.checkpoint)
+    path = Path(args.checkpoint)
+    float_weights = (path / "model.safetensors").is_file() and read_tensors(path / "model.safetensors")[1].get(
+        "quantization") != INT4_FORMAT
+    if args.int4 and float_weights:
+        console.print(f"[yellow]note:[/] {path} holds float weights; rounding them to INT4 (g32) at load")
+        loaded = load_model(path)
+        model, tokenizer = build_int4_model(loaded.model.cfg, model_tensors(loaded.model, int4=True)), loaded.tokenizer
+        dtype = COMPUTE_DTYPE
+    elif args.int4:
+        model, tokenizer = load_int4_model(path)
         dtype = COMPUTE_DTYPE
     else:
-        loaded = load_model(args.checkpoint)
+        loaded = load_model(path)
         model, tokenizer, dtype = loaded.model, loaded.tokenizer, torch.float32
     if tokenizer is None:
         raise MobileMoEError(f"{args.checkpoint} has no tokenizer.json; copy the tokenizer of the data it was "
@@ -36,31 +46,51 @@ def _load(args: argparse.Namespace):
     return model, tokenizer, dtype
 
 
-def _generate(args: argparse.Namespace, chat: bool = False) -> None:
-    from mobilemoe.infer.generate import Sampling, generate_text
+def _generate(args: argparse.Namespace) -> None:
+    from mobilemoe.infer.generate import generate_text
     from mobilemoe.ui import console
 
     model, tokenizer, dtype = _load(args)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    prompts = [args.prompt] if args.prompt else None
+    generate_text(model, tokenizer, args.prompt, args.max_new_tokens, _sampling(args),
+                  on_token=lambda piece: console.print(piece, end="", markup=False, highlight=False),
+                  cache_dtype=dtype, chat=args.chat, compile=args.compile)
+    console.print()
+
+
+def _sampling(args: argparse.Namespace):
+    from mobilemoe.infer.generate import Sampling
+
+    return Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    """Turns from --prompt, then stdin, until EOF; each answer streams as it is generated."""
+    import sys
+
+    from mobilemoe.infer.generate import ChatSession
+    from mobilemoe.ui import console
+
+    model, tokenizer, dtype = _load(args)
+    session = ChatSession(model, tokenizer, args.max_context, _sampling(args), dtype, args.compile)
+    first = args.prompt
     while True:
-        try:
-            prompt = prompts.pop(0) if prompts else (console.input("[bold]you> [/]") if chat else None)
-        except EOFError:  # stdin closed (Ctrl-D, or nothing piped in): the conversation is over
-            prompt = None
-        if prompt is None:
-            console.print()
-            return
-        if not prompt.strip():
+        if first is not None:
+            text, first = first, None
+            console.print(f"[bold]you> [/]{text}", highlight=False)
+        else:
+            try:
+                text = console.input("[bold]you> [/]")
+            except EOFError:  # stdin closed (Ctrl-D, or the piped input ran out): the conversation is over
+                console.print()
+                return
+            if not sys.stdin.isatty():  # piped turns are not echoed by a terminal: show them in the transcript
+                console.print(text, highlight=False, markup=False)
+        if not text.strip():
             continue
-        if chat:
-            console.print("[bold]model> [/]", end="")
-        generate_text(model, tokenizer, prompt, args.max_new_tokens, sampling,
-                      on_token=lambda piece: console.print(piece, end="", markup=False, highlight=False),
-                      cache_dtype=dtype, chat=chat, compile=args.compile)
+        console.print("[bold]model> [/]", end="")
+        session.reply(text, args.max_new_tokens,
+                      on_token=lambda piece: console.print(piece, end="", markup=False, highlight=False))
         console.print()
-        if not chat or prompts == []:
-            return
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -79,7 +109,8 @@ def _bench(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     for verb, helptext in (("generate", "continue a prompt (streaming), float or INT4 checkpoint"),
-                           ("chat", "chat with an SFT/QAT checkpoint using the chat template")):
+                           ("chat", "chat with a checkpoint through its chat template; the conversation is kept "
+                                    "(--prompt is the first turn, then stdin until EOF)")):
         p = sub.add_parser(verb, help=helptext)
         p.add_argument("checkpoint", help="checkpoint directory (e.g. runs/quickstart/tiny-moe/qat/final)")
         p.add_argument("--prompt", type=non_empty, required=verb == "generate", help="the prompt (chat: first message)")
@@ -91,7 +122,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--seed", type=non_negative_int, default=0)
         p.add_argument("--compile", action="store_true",
                        help="capture the decode step with torch.compile (faster decode after a one-off compile)")
-        p.set_defaults(handler=lambda a, chat=(verb == "chat"): _generate(a, chat))
+        if verb == "generate":
+            p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template "
+                                                                "as one user turn")
+            p.set_defaults(handler=_generate)
+        else:
+            p.add_argument("--max-context", type=positive_int, default=2048,
+                           help="tokens the conversation may grow to (KV cache size; capped at the model's)")
+            p.set_defaults(handler=_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, "
                                      "/v1/models) over one checkpoint")
