@@ -124,6 +124,7 @@ def test_upcycled_checkpoint_goes_through_every_room(parent, tmp_path):
     from mobilemoe.eval.tasks import Task, multiple_choice_example
     from mobilemoe.export.gguf import export_gguf
     from mobilemoe.export.hf import export_hf, import_hf
+    from mobilemoe.infer.bench import bench_models
     from mobilemoe.infer.engine import load_int4_model
     from mobilemoe.infer.generate import generate_tokens
     from mobilemoe.train import run_recipe
@@ -158,6 +159,8 @@ def test_upcycled_checkpoint_goes_through_every_room(parent, tmp_path):
         got = engine(torch.tensor([prompt])).logits.float()
     assert (got - want).abs().max() < 0.03 * want.abs().max()
     assert len(list(generate_tokens(engine, prompt, 6, cache_dtype=torch.bfloat16))) == 6  # decode: C kernel
+    speed = bench_models([str(int4_dir), "micro-dense"], [8], [8], decode_steps=2, rounds=1, compile=False)
+    assert speed[0].active_params < speed[0].total_params and all(r.decode_tok_s[8] > 0 for r in speed)
 
     task = Task("local", "multiple_choice", lambda: [multiple_choice_example("Call me", [" Ishmael", " Ahab"], 0)],
                 ("acc",), "acc", "test")
