@@ -20,7 +20,7 @@ from mobilemoe.ui import console
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the package (a link to recipes/ in a checkout)
 MODELS = ("tiny-moe", "tiny-dense")
-CHAT_SAMPLE = ("My name is Ada and I live in Paris.", "What is my name?")
+CHAT_SAMPLE = ("What is the capital of France?", "What is its population?")  # turn 2's "its" needs turn 1
 
 
 def quickstart(fast: bool = False, out: str | Path | None = None) -> Path:
