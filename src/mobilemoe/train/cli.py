@@ -10,12 +10,37 @@ def _train(args: argparse.Namespace) -> None:
     from mobilemoe.train import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.dry_run:
+        return _dry_run(recipe, args)
     if args.init_from:
         from mobilemoe.train.recipe import start_from
 
         recipe = start_from(recipe, args.init_from)
     run_recipe(recipe, args.out or f"runs/{recipe.name}", stage=args.stage, resume=args.resume,
                parallel_mode=args.parallel, force=args.force)
+
+
+def _dry_run(recipe, args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from mobilemoe.train.flops import device_peak, flops_per_token, matmul_parameters, recipe_cost
+    from mobilemoe.ui import console
+
+    peak = device_peak(args.device_profile)
+    rows = recipe_cost(recipe, peak, args.mfu, world_size=args.world_size)
+    cfg = recipe.model_config()
+    console.print(f"recipe '{recipe.name}' is valid: model {cfg.name}, {matmul_parameters(cfg) / 1e9:.3f}B active "
+                  f"matmul parameters, {flops_per_token(cfg, recipe.stages[0].seq_len) / 1e9:.2f} GFLOP per "
+                  f"training token at seq {recipe.stages[0].seq_len}")
+    table = Table(title=f"cost on {peak.name} (bf16 peak {peak.bf16_tflops:g} TFLOP/s) at {args.mfu:.0%} MFU, "
+                  f"{args.world_size} process(es)")
+    for column in ("stage", "steps", "tokens", "FLOPs", "GPU-hours"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for r in rows:
+        table.add_row(r.stage, f"{r.steps:,}", f"{r.tokens:.3g}", f"{r.flops:.3g}", f"{r.gpu_hours:,.0f}")
+    table.add_row("total", f"{sum(r.steps for r in rows):,}", f"{sum(r.tokens for r in rows):.3g}",
+                  f"{sum(r.flops for r in rows):.3g}", f"{sum(r.gpu_hours for r in rows):,.0f}")
+    console.print(table)
 
 
 def _heldout(args: argparse.Namespace) -> None:
@@ -52,6 +77,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "recipe's model and its first stage's init_from)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="data parallelism under torchrun (default ddp)")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe, build the model on meta and print "
+                   "each stage's steps, tokens, FLOPs and GPU-hours; opens no data, trains nothing")
+    p.add_argument("--mfu", type=float, default=0.35, help="--dry-run: model FLOPs utilization assumed (default 0.35)")
+    p.add_argument("--device-profile", default="h100", help="--dry-run: device peak from train/device_peaks.yaml "
+                   "(h100, h200, this-cpu; default h100)")
+    p.add_argument("--world-size", type=int, default=1, help="--dry-run: processes the batch is replicated over "
+                   "(tokens per step = batch_size x grad_accum x seq_len x world size; default 1)")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("heldout", help="held-out loss of checkpoints (float or INT4) on a recipe stage's val data, "

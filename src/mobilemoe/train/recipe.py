@@ -4,6 +4,8 @@
     seed: 1234
     model: tiny-moe                      # preset, config path, or {preset: ..., <field>: <override>}
     data: recipes/data/embedded.yaml     # a data recipe; prepared (and cached) on first use
+    # or, instead of `data`, Hugging Face `datasets` names per mixture source (the paper's recipes):
+    # hub_data: {fineweb_edu: HuggingFaceFW/fineweb-edu, finemath: HuggingFaceTB/finemath:finemath-3plus}
     stages:
       - {name: pretrain, kind: pretrain, mixture: {prose: 1.0}, steps: 300, lr: 3e-3, ...}
       - {name: sft, kind: sft, mixture: {chat: 1.0}, steps: 100, lr: 3e-4, schedule: cosine}
@@ -13,6 +15,7 @@ Each stage starts from the previous stage's final weights (or `init_from`, a che
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +26,8 @@ from mobilemoe.io import read_mapping
 
 STAGE_KINDS = ("pretrain", "midtrain", "sft", "qat")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
+# A hub dataset name as `datasets.load_dataset` takes it, optionally with a config: owner/name[:config].
+HUB_DATASET = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
 
 
 @dataclass
@@ -74,8 +79,9 @@ class StageConfig:
 class Recipe:
     name: str
     model: str | dict[str, Any]  # preset name, config path or mapping; resolved by `model_config()`
-    data: str
     stages: list[StageConfig]
+    data: str | None = None  # a data recipe (local files, prepared by `mobilemoe data`)
+    hub_data: dict[str, str] = field(default_factory=dict)  # mixture source -> hub dataset (owner/name[:config])
     seed: int = 1234
     # Where the recipe file lives (relative data paths resolve against it); set by `load_recipe`, not a key.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
@@ -91,6 +97,11 @@ class Recipe:
                           f"{', '.join(s.name for s in self.stages)}")
 
     def data_path(self) -> Path:
+        if self.data is None:
+            names = ", ".join(self.hub_data.values())
+            raise ConfigError(f"recipe '{self.name}' names its data as hub datasets ({names}); "
+                              "training from the hub is not supported yet: inspect it with `mobilemoe train "
+                              "RECIPE --dry-run`, or give the recipe a local data recipe as `data:`")
         path = Path(self.data)
         if path.exists() or path.is_absolute():
             return path
@@ -105,6 +116,19 @@ def parse_recipe(data: dict[str, Any], where: str = "recipe", base_dir: Path = P
     recipe.base_dir = base_dir
     for i, stage in enumerate(recipe.stages):
         stage.validate(f"{where}.stages[{i}]")
+    if (recipe.data is None) == (not recipe.hub_data):
+        raise ConfigError(f"{where}: give exactly one of 'data' (a data recipe file) and 'hub_data' (mixture source "
+                          "-> Hugging Face dataset name)")
+    for source, name in recipe.hub_data.items():
+        if not HUB_DATASET.fullmatch(name):
+            raise ConfigError(f"{where}: hub_data.{source} must be a dataset name 'owner/name' or "
+                              f"'owner/name:config', got {name!r}")
+    if recipe.hub_data:
+        for i, stage in enumerate(recipe.stages):
+            for source in stage.mixture:
+                if source not in recipe.hub_data:
+                    raise ConfigError(f"{where}.stages[{i}]: mixture source '{source}' is not in hub_data; "
+                                      f"known sources: {', '.join(recipe.hub_data)}")
     names = [s.name for s in recipe.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: stage names must be unique, got {names}")
