@@ -1,24 +1,19 @@
-"""The INT4 engine: quantized vs float, fused MoE vs reference, KV cache, sampling, errors."""
+"""The INT4 engine: 8da4w numerics vs QAT and torchao, every kernel variant, KV cache, sampling, errors."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mobilemoe.checkpoint import model_tensors, save_model
 from mobilemoe.config import get_preset
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.infer.engine import (
-    Int4MoE,
-    build_int4_model,
-    experts_sorted,
-    int4_experts,
-    load_int4_model,
-    pack_stacked_for_cpu_kernel,
-)
+from mobilemoe.infer import q4
+from mobilemoe.infer.engine import Int4MoE, build_int4_model, load_int4_model
 from mobilemoe.infer.generate import Sampling, generate_tokens
-from mobilemoe.infer.kernels import moe_decode_kernel
+from mobilemoe.infer.kernels import q8q4_library, supported_variants
 from mobilemoe.model import Transformer
-from mobilemoe.moe import run_experts_reference
-from mobilemoe.quantize import dequantize_int4
+from mobilemoe.moe import run_experts
+from mobilemoe.quantize import activation_fake_quantizer, dequantize_int4, prepare_qat, quantize_int4
 
 
 def _models(preset="micro-moe"):
@@ -28,7 +23,7 @@ def _models(preset="micro-moe"):
     dequantized = Transformer(cfg).eval()
     dequantized.load_state_dict({k: dequantize_int4(tensors[f"{k}.qweight"], tensors[f"{k}.scales"])
                                  if f"{k}.qweight" in tensors else tensors[k] for k in dequantized.state_dict()})
-    return build_int4_model(cfg, tensors), dequantized, tensors
+    return build_int4_model(cfg, dict(tensors)), dequantized, tensors
 
 
 @pytest.mark.parametrize("preset", ["micro-moe", "micro-dense"])
@@ -37,22 +32,60 @@ def test_int4_engine_matches_the_dequantized_float_model(preset):
     tokens = torch.randint(0, 4096, (1, 40))
     with torch.no_grad():
         a, b = reference(tokens).logits, engine(tokens).logits.float()
-    assert (a - b).abs().max() < 0.02 * a.abs().max()  # bf16 activations
+    assert (a - b).abs().max() < 0.03 * a.abs().max()  # int8 activations
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
 
 
-def test_fused_int4_moe_equals_the_reference_loop():
+def _relative_error(got, want):
+    return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+
+def test_engine_computes_what_qat_trained_against():
+    """Engine logits vs the QAT model's fake-quantized forward (torchao), on a briefly QAT-trained model:
+    at least 10x closer than what the engine computed before 8da4w (exact INT4 weights, bf16 activations)."""
+    torch.manual_seed(0)
+    cfg = get_preset("micro-moe")
+    model = prepare_qat(Transformer(cfg))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+        model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    from mobilemoe.train.trainer import plain_state
+
+    plain = Transformer(cfg)
+    plain.load_state_dict(plain_state(model))
+    tensors = model_tensors(plain, int4=True)
+    dequantized = Transformer(cfg).eval()
+    dequantized.load_state_dict({k: dequantize_int4(tensors[f"{k}.qweight"], tensors[f"{k}.scales"])
+                                 if f"{k}.qweight" in tensors else tensors[k] for k in dequantized.state_dict()})
+    engine = build_int4_model(cfg, tensors)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 48))
+    with torch.no_grad():
+        want = model(tokens).logits
+        ours = _relative_error(engine(tokens).logits, want)
+        bf16_engine = _relative_error(dequantized.to(torch.bfloat16)(tokens).logits, want)
+    print(f"engine vs QAT forward: {ours:.2e}, bf16 activations: {bf16_engine:.2e}")
+    assert ours * 10 < bf16_engine, (ours, bf16_engine)
+
+
+def test_int4_moe_equals_the_fake_quantized_dispatch():
     engine, reference, _ = _models()
     fused: Int4MoE = engine.layers[1].ffn
     moe = reference.layers[1].ffn
-    x = torch.randn(50, 64)
-    with torch.no_grad():
-        y, _, load = fused(x)
-        r = moe.router.eval()(x.bfloat16())
-        want = run_experts_reference(x.bfloat16().float(), r.experts, r.weights, moe.gate_up_proj, moe.down_proj)
-        want = want + moe.shared_expert(x.bfloat16().float())
-    assert torch.equal(load, r.load)
-    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.02 * want.abs().max().item())
+    fq = activation_fake_quantizer()
+    for n_tokens in (1, 50):
+        x = torch.randn(n_tokens, 64)
+        with torch.no_grad():
+            y, _, load = fused(x)
+            r = moe.router.eval()(x)
+            want = run_experts(x, r.experts, r.weights, moe.gate_up_proj, moe.down_proj, quantize_activation=fq)
+            shared = moe.shared_expert
+            want = want + shared.down_proj(fq(F.silu(shared.gate_proj(fq(x))) * shared.up_proj(fq(x))))
+        assert torch.equal(load, r.load)
+        assert _relative_error(y, want) < 1e-5
 
 
 def test_int4_kv_cache_decode_equals_full_forward():
@@ -60,11 +93,11 @@ def test_int4_kv_cache_decode_equals_full_forward():
     tokens = torch.randint(0, 4096, (1, 24))
     with torch.no_grad():
         full = engine(tokens).logits.float()
-        engine.setup_cache(1, 32, torch.bfloat16)
+        engine.setup_cache(1, 32)
         prefill = engine(tokens[:, :16], input_pos=torch.arange(16)).logits
         steps = [engine(tokens[:, i:i + 1], input_pos=torch.tensor([i])).logits for i in range(16, 24)]
     cached = torch.cat([prefill, *steps], 1).float()
-    assert (cached - full).abs().max() < 0.02 * full.abs().max()
+    assert _relative_error(cached, full) < 1e-5
     assert torch.equal(cached.argmax(-1), full.argmax(-1))
 
 
@@ -106,10 +139,9 @@ def test_engine_refuses_float_and_mismatched_checkpoints(tmp_path):
 def test_compiled_decode_generates_the_eager_tokens(preset):
     engine, _, _ = _models(preset)
     prompt = torch.randint(0, 4096, (12,)).tolist()
-    eager = list(generate_tokens(engine, prompt, 16, cache_dtype=torch.bfloat16))
-    compiled = list(generate_tokens(engine, prompt, 16, cache_dtype=torch.bfloat16, compile=True))
+    eager = list(generate_tokens(engine, prompt, 16, cache_dtype=torch.float32))
+    compiled = list(generate_tokens(engine, prompt, 16, cache_dtype=torch.float32, compile=True))
     assert compiled == eager
-
 
 
 @pytest.mark.parametrize("preset", ["micro-moe", "micro-dense"])
@@ -117,7 +149,7 @@ def test_decode_step_is_one_graph_without_breaks(preset):
     """What `compile_decode` hands torch.compile: one decode step over the static KV cache, as `generate_tokens`
     runs it. A graph break would silently run part of every step eagerly."""
     engine, _, _ = _models(preset)
-    engine.setup_cache(1, 32, torch.bfloat16)
+    engine.setup_cache(1, 32)
     torch._dynamo.reset()
     with torch.inference_mode():
         explained = torch._dynamo.explain(engine)(torch.tensor([[7]]), input_pos=torch.tensor([5]))
@@ -125,19 +157,64 @@ def test_decode_step_is_one_graph_without_breaks(preset):
     assert explained.graph_count == 1
 
 
-def test_moe_decode_kernel_equals_the_aten_path():
-    if moe_decode_kernel() is None:
-        pytest.skip("no C compiler here, or aten's int4pack layout is not the AVX-512 one the kernel reads")
+@pytest.fixture(params=supported_variants())
+def kernel_variant(request, monkeypatch):
+    """Each kernel variant this CPU runs, forced through MOBILEMOE_KERNEL."""
+    monkeypatch.setenv("MOBILEMOE_KERNEL", request.param)
+    q8q4_library.cache_clear()
+    assert q8q4_library().q4_variant().decode() == request.param
+    yield request.param
+    q8q4_library.cache_clear()
+
+
+def _int4(*shape):
+    return quantize_int4(torch.randn(*shape))
+
+
+def test_kernel_activations_are_torchaos_int8(kernel_variant):
+    x = torch.cat([torch.randn(6, 96) * 5, torch.zeros(1, 96), torch.rand(1, 96), -torch.rand(1, 96)])
+    q, scale, zero = q4.quantize_activations(x)
+    assert torch.equal((q.float() - zero[:, None].float()) * scale[:, None], activation_fake_quantizer()(x))
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3, 9])
+def test_kernel_linear_equals_the_reference(kernel_variant, n_tokens):
+    torch.manual_seed(n_tokens)
+    packed, scales = _int4(40, 96)  # 40 rows: not whole blocks of 16
+    x = torch.randn(n_tokens, 96)
+    got = q4.q4_linear(x, q4.pack_q4(packed, scales))
+    assert _relative_error(got, q4.reference_linear(x, packed, scales)) < 1e-6
+
+
+@pytest.mark.parametrize("n_tokens", [1, 7])
+def test_kernel_moe_and_ffn_equal_the_reference(kernel_variant, n_tokens):
+    torch.manual_seed(n_tokens)
+    n_experts, d, i, shared_i, top_k = 6, 64, 32, 64, 2
+    gate_up, down, shared_gate_up, shared_down = _int4(n_experts, 2 * i, d), _int4(n_experts, d, i), \
+        _int4(2 * shared_i, d), _int4(d, shared_i)
+    x = torch.randn(n_tokens, d)
+    experts = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(n_tokens)])
+    weights = torch.rand(n_tokens, top_k)
+
+    def swiglu(x, gu, dn):
+        gate, up = q4.reference_linear(x, *gu).chunk(2, dim=-1)
+        return q4.reference_linear(F.silu(gate) * up, *dn)
+
+    shared = (q4.pack_q4(*shared_gate_up), q4.pack_q4(*shared_down))
+    want = swiglu(x, shared_gate_up, shared_down)
+    assert _relative_error(q4.q4_ffn(x, *shared), want) < 1e-5
+    for t in range(n_tokens):
+        for j in range(top_k):
+            e = experts[t, j]
+            want[t] += weights[t, j] * swiglu(x[t:t + 1], (gate_up[0][e], gate_up[1][e]), (down[0][e], down[1][e]))[0]
+    got = q4.q4_moe(x, experts, weights, q4.pack_q4(*gate_up), q4.pack_q4(*down), shared)
+    assert _relative_error(got, want) < 1e-5
+
+
+def test_decode_attention_reads_only_the_filled_cache(kernel_variant):
     torch.manual_seed(0)
-    n_experts, d, i = 12, 128, 64
-    gate_up = pack_stacked_for_cpu_kernel(torch.randint(0, 256, (n_experts, 2 * i, d // 2), dtype=torch.uint8),
-                                          torch.rand(n_experts, 2 * i, d // 32).half() * 0.05)
-    down = pack_stacked_for_cpu_kernel(torch.randint(0, 256, (n_experts, d, i // 2), dtype=torch.uint8),
-                                       torch.rand(n_experts, d, i // 32).half() * 0.05)
-    for _ in range(5):
-        x = torch.randn(1, d).bfloat16()
-        experts = torch.randperm(n_experts)[:3].unsqueeze(0)
-        weights = torch.rand(1, 3)
-        got = int4_experts(x, experts, weights, *gate_up, *down).float()
-        want = experts_sorted(x, experts, weights, *gate_up, *down).float()
-        assert (got - want).abs().max() < 0.02 * want.abs().max()  # aten rounds to bf16 in between
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    length = 23
+    want = F.scaled_dot_product_attention(q, k[:, :, :length], v[:, :, :length], enable_gqa=True)
+    k[:, :, length:], v[:, :, length:] = float("nan"), float("nan")  # never read
+    torch.testing.assert_close(q4.attention_decode(q, k, v, torch.tensor(length)), want, rtol=1e-5, atol=1e-5)

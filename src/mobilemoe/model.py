@@ -85,10 +85,14 @@ class Attention(nn.Module):
             q = F.rms_norm(q, (self.head_dim,), eps=self.eps)
             k = F.rms_norm(k, (self.head_dim,), eps=self.eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = self.attend(q, k, v, mask, input_pos)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        """Softmax attention [B, H, T, hd], through the KV cache when there is one (the engine overrides this)."""
         if self.kv_cache is not None and input_pos is not None:  # a forward without positions ignores the cache
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v projections (the inference engine overrides this with one fused matmul)."""

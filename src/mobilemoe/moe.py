@@ -13,6 +13,7 @@ down [E, D, I].
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,11 +83,15 @@ class Router(nn.Module):
         return Routing(experts, weights, aux_loss, load)
 
 
-def run_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+def run_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor,
+                quantize_activation: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Dropless sorted dispatch: y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]).
 
-    x [T, D]; experts/weights [T, k]; returns [T, D] in x's dtype.
+    x [T, D]; experts/weights [T, k]; returns [T, D] in x's dtype. `quantize_activation` (QAT) fake-quantizes
+    both matmuls' inputs per row: x, and each slot's SwiGLU hidden.
     """
+    if quantize_activation is not None:
+        x = quantize_activation(x)
     n_tokens, top_k = experts.shape
     flat_experts = experts.flatten()
     order = torch.argsort(flat_experts, stable=True)
@@ -97,7 +102,10 @@ def run_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, do
     sorted_x = x[token_of_slot]
     hidden = torch._grouped_mm(sorted_x, gate_up.transpose(-2, -1), offs=offsets)
     gate, up = hidden.chunk(2, dim=-1)
-    out = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)
+    hidden = F.silu(gate) * up
+    if quantize_activation is not None:
+        hidden = quantize_activation(hidden)
+    out = torch._grouped_mm(hidden, down.transpose(-2, -1), offs=offsets)
     out = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)
     return torch.zeros_like(x).index_add_(0, token_of_slot, out)
 

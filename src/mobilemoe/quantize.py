@@ -81,6 +81,14 @@ def _fake_quant_configs():
     return weight, activation
 
 
+def activation_fake_quantizer() -> nn.Module:
+    """torchao's int8 dynamic per-token asymmetric fake quantizer: what QAT trains against and the engine's
+    kernels compute (infer/kernels/q8q4.c)."""
+    from torchao.quantization.qat import IntxFakeQuantizer
+
+    return IntxFakeQuantizer(_fake_quant_configs()[1])
+
+
 class FakeQuantizedWeight(nn.Module):
     """Parametrization that fake-quantizes a weight of any rank with torchao's IntxFakeQuantizer.
 
@@ -104,9 +112,13 @@ def prepare_qat(model: nn.Module) -> nn.Module:
 
     Linears (attention, dense and shared FFNs): torchao QAT with int4 g32 weights and int8 dynamic
     per-token activations (8da4w, the phone runtime's scheme). Stacked routed experts and the tied
-    embedding (used for lookup and for the logits): int4 g32 weights via `FakeQuantizedWeight`.
-    The router stays in full precision.
+    embedding (used for lookup and for the logits): int4 g32 weights via `FakeQuantizedWeight`, and
+    their inputs fake-quantized like the linears' (the experts' dispatch quantizes x and the SwiGLU
+    hidden per token; a hook on the final norm quantizes what the tied head multiplies), so QAT trains
+    against exactly what the engine's 8da4w kernels compute. The router stays in full precision.
     """
+    from functools import partial
+
     from torch.nn.utils import parametrize
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
@@ -120,4 +132,13 @@ def prepare_qat(model: nn.Module) -> nn.Module:
             owner, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
             if not isinstance(owner, nn.Linear) and not parametrize.is_parametrized(owner, attr):
                 parametrize.register_parametrization(owner, attr, FakeQuantizedWeight())
+    from mobilemoe.model import MoE, Transformer
+    from mobilemoe.moe import run_experts
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.dispatch = partial(run_experts, quantize_activation=activation_fake_quantizer())
+        if isinstance(module, Transformer) and module.lm_head is None:
+            head_input = activation_fake_quantizer()
+            module.norm.register_forward_hook(lambda _module, _args, out, fq=head_input: fq(out))
     return model

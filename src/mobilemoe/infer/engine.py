@@ -1,18 +1,16 @@
 """The CPU inference engine: the same `Transformer`, with INT4 modules swapped in, and a static KV cache.
 
-INT4 weights (group 32, fp16 scales — the QAT output format) run through aten's CPU int4 kernel
-(`_weight_int4pack_mm_for_cpu`, bf16 activations). Every call of that kernel costs tens of
-microseconds whatever the matrix size, so the engine makes as few as it can: q/k/v are one matmul,
-gate/up of every SwiGLU are one matmul, and the decode step can be captured whole by torch.compile
-(`compile_decode`), which fuses the norms, RoPE, routing and residuals around the int4 calls.
+Every product with an INT4 weight is 8da4w, the numbers QAT trained against: the input quantized to int8
+per token (asymmetric, torchao's scheme) and multiplied by the INT4 g32 weights in integer arithmetic, on
+our own C kernels and weight layout (`infer/q4.py`, `infer/kernels/q8q4.c`; AVX-512 VNNI, AVX-VNNI, AVX2,
+NEON sdot or portable C, chosen from the CPU). Activations between the products, the KV cache, norms,
+RoPE and routing are fp32.
 
-The routed experts are a custom op (`mobilemoe::int4_experts`), written by hand because no library in
-our stack has a fused fine-grained MoE for CPU; as an opaque op it lets torch.compile capture the
-decode step in one graph. It takes the experts' weights stacked ([E, N, K/2]); at decode (one token) it
-runs exactly the top-k experts in one call of our C kernel (`infer/kernels/moe_decode.c`, on the same
-packed bytes), so the bytes read per token are the *active* weights; at prefill it sorts the
-token->expert assignments by expert and runs each expert's contiguous block through one gate+up and one
-down aten matmul, then a weighted scatter-add.
+Few calls per layer: q/k/v are one product, o one, the attention at decode one C call that reads only
+the filled part of the KV cache, and a layer's whole FFN one call (a MoE block: the routed experts and the
+shared expert, the input quantized once). The decode step can still be captured whole by torch.compile
+(`compile_decode`), the kernels being opaque custom ops, which fuses the norms, RoPE and routing around
+them.
 """
 
 from __future__ import annotations
@@ -26,124 +24,40 @@ from torch import Tensor, nn
 
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.infer.q4 import Q4Weight, attention_decode, pack_q4, q4_ffn, q4_linear, q4_moe, unpack_q4_rows
 from mobilemoe.model import Attention, FeedForward, ModelOutput, MoE, Transformer, rope_frequencies
 from mobilemoe.moe import Router
-from mobilemoe.quantize import GROUP_SIZE, unpack_int4
+from mobilemoe.quantize import GROUP_SIZE
 
-COMPUTE_DTYPE = torch.bfloat16  # what aten's CPU int4 kernel takes as activations
-
-
-def pack_for_cpu_kernel(packed: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """Our INT4 tensors ([N, K/2] uint8, [N, K/32] fp16) -> aten's int4pack weight and scales-and-zeros.
-
-    aten computes w = (u - 8) * scale + zero for unsigned nibbles u; ours store q + 8, so zero = 0.
-    """
-    unsigned = unpack_int4(packed).to(torch.int32) + 8
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
-    s = scales.float().t().contiguous()
-    return weight, torch.stack((s, torch.zeros_like(s)), -1).to(COMPUTE_DTYPE)
-
-
-def pack_stacked_for_cpu_kernel(packed: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """Stacked expert weights [E, N, K/2] / [E, N, K/32] -> stacked aten int4pack tensors, filled expert by
-    expert so loading never holds two copies of all experts."""
-    first_weight, first_sz = pack_for_cpu_kernel(packed[0], scales[0])
-    weight = first_weight.new_empty((packed.shape[0], *first_weight.shape))
-    sz = first_sz.new_empty((packed.shape[0], *first_sz.shape))
-    weight[0], sz[0] = first_weight, first_sz
-    for e in range(1, packed.shape[0]):
-        weight[e], sz[e] = pack_for_cpu_kernel(packed[e], scales[e])
-    return weight, sz
-
-
-def int4_matmul(x: Tensor, weight: Tensor, scales_zeros: Tensor) -> Tensor:
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, GROUP_SIZE, scales_zeros)
-
-
-@torch.library.custom_op("mobilemoe::int4_experts", mutates_args=())
-def int4_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, gate_up_sz: Tensor,
-                 down: Tensor, down_sz: Tensor) -> Tensor:
-    """y[t] = sum_j weights[t, j] * SwiGLU_{experts[t, j]}(x[t]) on stacked int4pack expert weights.
-
-    x [T, D] bf16; experts [T, k] int64; weights [T, k] fp32; returns [T, D] bf16. One token (decode)
-    goes through our C kernel where it applies (one call for all k experts), else through aten.
-    """
-    if x.shape[0] == 1 and (kernel := _moe_decode_kernel(x, gate_up, down)) is not None:
-        top_k, d, i = experts.shape[1], x.shape[1], gate_up.shape[1] // 2
-        x32, chosen, w32 = x.float().contiguous(), experts.contiguous(), weights.float().contiguous()
-        hidden, y = torch.empty(top_k * 2 * i), torch.empty(1, d)
-        kernel.moe_decode(x32.data_ptr(), chosen.data_ptr(), w32.data_ptr(), top_k, d, i, gate_up.data_ptr(),
-                          gate_up_sz.data_ptr(), down.data_ptr(), down_sz.data_ptr(), hidden.data_ptr(), y.data_ptr())
-        return y.to(x.dtype)
-    return experts_sorted(x, experts, weights, gate_up, gate_up_sz, down, down_sz)
-
-
-def experts_sorted(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, gate_up_sz: Tensor,
-                   down: Tensor, down_sz: Tensor) -> Tensor:
-    """The aten path: token->expert assignments sorted by expert, each expert's contiguous block through
-    one gate+up and one down int4 matmul, then a weighted scatter-add. At one token that is exactly the
-    top-k experts, 2 calls each."""
-    top_k = experts.shape[1]
-    flat = experts.flatten()
-    order = torch.argsort(flat, stable=True)
-    token_of_slot = order // top_k
-    out = x.new_empty(order.numel(), x.shape[-1])
-    start = 0
-    for e, count in zip(*torch.unique_consecutive(flat[order], return_counts=True), strict=True):
-        end = start + int(count)
-        gate, up = int4_matmul(x[token_of_slot[start:end]], gate_up[e], gate_up_sz[e]).chunk(2, dim=-1)
-        out[start:end] = int4_matmul(F.silu(gate) * up, down[e], down_sz[e])
-        start = end
-    out *= weights.flatten()[order].unsqueeze(-1).to(out.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of_slot, out)
-
-
-def _moe_decode_kernel(x: Tensor, gate_up: Tensor, down: Tensor):
-    """Our C decode kernel when it applies: AVX-512 layout, whole 64-row blocks, whole 32-value groups."""
-    from mobilemoe.infer.kernels import moe_decode_kernel
-
-    d, two_i = x.shape[1], gate_up.shape[1]
-    if d % 64 or two_i % 64 or (two_i // 2) % 32 or down.shape[1] != d:
-        return None
-    return moe_decode_kernel()
-
-
-@int4_experts.register_fake
-def _(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, gate_up_sz: Tensor, down: Tensor,
-      down_sz: Tensor) -> Tensor:
-    return torch.empty_like(x)
+COMPUTE_DTYPE = torch.float32  # activations and KV cache between the 8da4w products
 
 
 class Int4Linear(nn.Module):
-    """INT4 linear; several (packed, scales) pairs make one fused linear whose outputs are concatenated."""
+    """8da4w linear; several (packed, scales) pairs make one fused linear whose outputs are concatenated."""
 
     def __init__(self, *pairs: tuple[Tensor, Tensor]):
         super().__init__()
-        packed, scales = torch.cat([p for p, _ in pairs]), torch.cat([s for _, s in pairs])
-        self.out_features = packed.shape[0]
-        self.weight, self.scales_zeros = pack_for_cpu_kernel(packed, scales)
+        self.weight = pack_q4(torch.cat([p for p, _ in pairs]), torch.cat([s for _, s in pairs]))
+        self.out_features = self.weight.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        y = int4_matmul(x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE), self.weight, self.scales_zeros)
-        return y.view(*shape[:-1], self.out_features)
+        return q4_linear(x, self.weight)
 
 
 class Int4Embedding(nn.Module):
-    """Row lookup from the INT4 table (only the looked-up rows are dequantized)."""
+    """Row lookup from an INT4 table in the kernels' layout (only the looked-up rows are dequantized); the
+    tied output head shares the same weight."""
 
-    def __init__(self, packed: Tensor, scales: Tensor):
+    def __init__(self, weight: Q4Weight):
         super().__init__()
-        self.packed, self.scales = packed, scales.float()  # fp32 scales: no fp16/bf16 mix in compiled code
+        self.weight = weight
 
     def forward(self, tokens: Tensor) -> Tensor:
-        rows, scales = self.packed[tokens], self.scales[tokens]
-        q = unpack_int4(rows).float()
-        return (q.unflatten(-1, (scales.shape[-1], GROUP_SIZE)) * scales.unsqueeze(-1)).flatten(-2).to(COMPUTE_DTYPE)
+        return unpack_q4_rows(self.weight, tokens)
 
 
 class Int4Attention(Attention):
-    """`Attention` with q, k and v as one INT4 matmul."""
+    """`Attention` with q, k and v as one 8da4w product; decode attention reads only the filled cache."""
 
     def __init__(self, cfg: ModelConfig, qkv_proj: Int4Linear, o_proj: Int4Linear):
         with torch.device("meta"):
@@ -156,38 +70,47 @@ class Int4Attention(Attention):
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         return q, k, v
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        cache = self.kv_cache
+        if cache is None or input_pos is None:
+            return super().attend(q, k, v, mask, input_pos)
+        k_all, v_all = cache.update(input_pos, k.to(cache.k.dtype), v.to(cache.v.dtype))
+        if q.shape[0] == 1 and q.shape[2] == 1 and k_all.dtype == torch.float32:
+            return attention_decode(q, k_all, v_all, input_pos[-1] + 1)
+        end = int(input_pos[-1]) + 1  # prefill (eager): attend to the filled part only
+        k_all, v_all = k_all[:, :, :end].to(q.dtype), v_all[:, :, :end].to(q.dtype)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=None if mask is None else mask[..., :end],
+                                              enable_gqa=True)
+
 
 class Int4FeedForward(nn.Module):
-    """SwiGLU with gate and up as one INT4 matmul."""
+    """SwiGLU in one call: gate and up one product, SwiGLU, the hidden quantized, down."""
 
-    def __init__(self, gate_up_proj: Int4Linear, down_proj: Int4Linear):
+    def __init__(self, gate_up: Q4Weight, down: Q4Weight):
         super().__init__()
-        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+        self.gate_up, self.down = gate_up, down
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return q4_ffn(x, self.gate_up, self.down)
 
 
 class Int4MoE(nn.Module):
-    """INT4 MoE layer: route (fp32), routed experts through `int4_experts`, plus the shared expert."""
+    """INT4 MoE layer: route (fp32), then routed experts and shared expert in one call."""
 
     def __init__(self, cfg: ModelConfig, router: Router, gate_up: tuple[Tensor, Tensor],
                  down: tuple[Tensor, Tensor], shared: Int4FeedForward | None):
         super().__init__()
         self.cfg = cfg
         self.router = router.float()
-        self.gate_up, self.gate_up_sz = pack_stacked_for_cpu_kernel(*gate_up)
-        self.down, self.down_sz = pack_stacked_for_cpu_kernel(*down)
+        self.gate_up, self.down = pack_q4(*gate_up), pack_q4(*down)
         self.shared_expert = shared
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
+        x = x.reshape(-1, shape[-1]).float()
         r = self.router(x)
-        y = int4_experts(x, r.experts, r.weights, self.gate_up, self.gate_up_sz, self.down, self.down_sz)
-        if self.shared_expert is not None:
-            y = y + self.shared_expert(x)
+        shared = (self.shared_expert.gate_up, self.shared_expert.down) if self.shared_expert is not None else None
+        y = q4_moe(x, r.experts, r.weights, self.gate_up, self.down, shared)
         return y.view(shape), torch.zeros(()), r.load
 
 
@@ -234,15 +157,16 @@ def build_int4_model(cfg: ModelConfig, tensors: dict[str, Tensor]) -> Transforme
             norm = nn.RMSNorm(module.normalized_shape, eps=module.eps, device="cpu", dtype=COMPUTE_DTYPE)
             norm.weight.data.copy_(tensors[f"{name}.weight"])
             setattr(parent, attr, norm)
-    model.embed = Int4Embedding(*q("embed.weight"))
     model.lm_head = Int4Linear(q("embed.weight" if cfg.tie_embeddings else "lm_head.weight"))
+    model.embed = Int4Embedding(model.lm_head.weight if cfg.tie_embeddings else pack_q4(*q("embed.weight")))
     model.inv_freq = rope_frequencies(cfg)
     return model.eval()
 
 
 def _int4_ffn(name: str, q: Callable[[str], tuple[Tensor, Tensor]]) -> Int4FeedForward:
-    gate_up = Int4Linear(q(f"{name}.gate_proj.weight"), q(f"{name}.up_proj.weight"))
-    return Int4FeedForward(gate_up, Int4Linear(q(f"{name}.down_proj.weight")))
+    gate_up = [q(f"{name}.{p}.weight") for p in ("gate_proj", "up_proj")]
+    return Int4FeedForward(pack_q4(torch.cat([p for p, _ in gate_up]), torch.cat([s for _, s in gate_up])),
+                           pack_q4(*q(f"{name}.down_proj.weight")))
 
 
 def random_int4_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, Tensor]:

@@ -1,0 +1,456 @@
+/* 8-bit dynamic activations x INT4 weights (8da4w): every INT4 product of the engine, on one weight layout.
+ *
+ * Written by hand because no library in our stack has int8 x int4 kernels for CPU that take our INT4
+ * format and a fused fine-grained MoE (aten's int4 kernel takes bf16 activations; llama.cpp's ggml is a
+ * separate runtime). The numbers are the QAT stage's: activations quantized per token, asymmetric int8,
+ * exactly as torchao's fake quantizer (`choose_qparams_affine` ASYMMETRIC, `_fake_quantize_per_token`),
+ * weights symmetric int4 in groups of 32 with fp16 scales.
+ *
+ * Weight layout (made by `mobilemoe.infer.q4.pack_q4`): an [N, K] matrix is N/16 blocks of 16 rows; a
+ * block is K/8 chunks of 64 bytes; in chunk c byte 4r+j holds row r's weight k = 8c+j in its low nibble and
+ * k = 8c+4+j in its high one, as u = q + 8. So one 64-byte load feeds 16 rows x 4 inputs to one integer
+ * dot-product instruction per nibble half: AVX-512 VNNI `vpdpbusd` (16 int32 lanes, one per row), AVX-VNNI
+ * / AVX2 on the two 32-byte halves, NEON `sdot` on the four 16-byte quarters. Scales are [N/16][K/32][16]
+ * fp16, and `corr[n]` = sum_g scale[n,g] * sum_{k in g} q[n,k] carries the activation zero point:
+ *   y[n] = s_a * (sum_g scale[n,g] * sum_{k in g} q[n,k] * a[k]  -  zp * corr[n])
+ * where a = the int8 activation and (s_a, zp) its token's scale and zero point. The integer sums are exact;
+ * only the per-group scaling is floating point.
+ *
+ * One source, compiled once per instruction set (the Python side picks the variant from the CPU's flags).
+ * Threads (OpenMP, torch's runtime) split weight rows; every entry point is one call per layer block.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define VARIANT "avx512_vnni"
+#define USE_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define USE_AVX2 1
+#if defined(__AVXVNNI__)
+#define VARIANT "avx_vnni"
+#else
+#define VARIANT "avx2"
+#endif
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define VARIANT "neon_dot"
+#define USE_NEON 1
+#else
+#define VARIANT "portable"
+#endif
+
+#define ROWS 16   /* rows per block */
+#define GROUP 32  /* inputs per scale */
+#define TILE 4    /* tokens sharing one pass over a weight block */
+
+const char *q4_variant(void) { return VARIANT; }
+
+/* ---- int8 per-token activations --------------------------------------------------------------------- */
+typedef struct {
+    int8_t *q;      /* [T][K] */
+    int32_t *gsum;  /* [T][K/32] sums of q per group (the x86 kernels take unsigned weights u = q_w + 8) */
+    float *scale;   /* [T] */
+    int32_t *zero;  /* [T] */
+} Acts;
+
+static Acts acts_new(int T, int K) {
+    Acts a;
+    a.q = malloc((size_t)T * K + 64);
+    a.gsum = malloc(sizeof(int32_t) * (size_t)T * (K / GROUP));
+    a.scale = malloc(sizeof(float) * (size_t)T);
+    a.zero = malloc(sizeof(int32_t) * (size_t)T);
+    return a;
+}
+
+static void acts_free(Acts *a) { free(a->q); free(a->gsum); free(a->scale); free(a->zero); }
+
+/* torchao's asymmetric per-token int8: scale = (max(x,0) - min(x,0)) / 255 clamped to FLT_MIN,
+ * zp = clamp(-128 - round(min / scale)), q = clamp(round(x * (1 / scale)) + zp) (round half to even). */
+static void quantize_row(const float *x, int K, Acts *a, int t) {
+    float lo = 0.0f, hi = 0.0f;
+    for (int k = 0; k < K; k++) {
+        lo = x[k] < lo ? x[k] : lo;
+        hi = x[k] > hi ? x[k] : hi;
+    }
+    float scale = (hi - lo) / 255.0f;
+    if (scale < FLT_MIN) scale = FLT_MIN;
+    float zp = -128.0f - nearbyintf(lo / scale);
+    zp = zp < -128.0f ? -128.0f : (zp > 127.0f ? 127.0f : zp);
+    const float inv = 1.0f / scale;
+    int8_t *q = a->q + (size_t)t * K;
+    int32_t *gs = a->gsum + (size_t)t * (K / GROUP);
+    for (int g = 0; g < K / GROUP; g++) {
+        int32_t sum = 0;
+        for (int k = g * GROUP; k < (g + 1) * GROUP; k++) {
+            float v = nearbyintf(x[k] * inv) + zp;
+            v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+            q[k] = (int8_t)v;
+            sum += q[k];
+        }
+        gs[g] = sum;
+    }
+    a->scale[t] = scale;
+    a->zero[t] = (int32_t)zp;
+}
+
+static Acts quantize_rows(const float *x, int T, int K) {
+    Acts a = acts_new(T, K);
+#pragma omp parallel for schedule(static) if (T > 1)
+    for (int t = 0; t < T; t++) quantize_row(x + (size_t)t * K, K, &a, t);
+    return a;
+}
+
+/* Exposed for the tests: the quantized activations of x [T][K]. */
+void q8_quantize(const float *x, int T, int K, int8_t *q, float *scale, int32_t *zero) {
+    Acts a = quantize_rows(x, T, K);
+    memcpy(q, a.q, (size_t)T * K);
+    memcpy(scale, a.scale, sizeof(float) * T);
+    memcpy(zero, a.zero, sizeof(int32_t) * T);
+    acts_free(&a);
+}
+
+/* ---- one block of 16 rows x up to TILE tokens ---------------------------------------------------------
+ * out[t][r] = sum_g scale[r,g] * sum_{k in g} q_w[r,k] * q_a_t[k]   (the zero point is applied by the caller)
+ * wb: the block's K/8 chunks; sb: its [K/32][16] fp16 scales; qa[t], gs[t]: token t's int8 row, group sums. */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    uint32_t bits;
+    if (exp == 0x1F) bits = sign | 0x7F800000u | (man << 13);
+    else if (exp != 0) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (man == 0) bits = sign;
+    else {  /* subnormal half: normalise */
+        int e = -1;
+        uint32_t m = man;
+        do { e++; m <<= 1; } while (!(m & 0x400));
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+#if defined(USE_AVX512)
+static inline __attribute__((always_inline)) void block_tile_n(const uint8_t *wb, const uint16_t *sb, int G,
+                                                               const int8_t *const *qa, const int32_t *const *gs,
+                                                               const int nt, float *out) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[TILE];
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512i d0[TILE], d1[TILE];
+        for (int t = 0; t < nt; t++) d0[t] = d1[t] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m512i b = _mm512_loadu_si512((const void *)(wb + (size_t)(g * 4 + c) * 64));
+            const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+            for (int t = 0; t < nt; t++) {
+                const int8_t *a = qa[t] + g * GROUP + c * 8;
+                d0[t] = _mm512_dpbusd_epi32(d0[t], lo, _mm512_set1_epi32(load_i32(a)));
+                d1[t] = _mm512_dpbusd_epi32(d1[t], hi, _mm512_set1_epi32(load_i32(a + 4)));
+            }
+        }
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb + g * ROWS)));
+        for (int t = 0; t < nt; t++) {  /* sum (q_w + 8) a - 8 sum a = sum q_w a */
+            const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(d0[t], d1[t]), _mm512_set1_epi32(8 * gs[t][g]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) _mm512_storeu_ps(out + t * ROWS, acc[t]);
+}
+#elif defined(USE_AVX2)
+#if defined(__AVXVNNI__)
+#define DOT_U8S8(acc, u, a) _mm256_dpbusd_avx_epi32(acc, u, a)
+#else  /* u8 x s8 pairs to int16 (|15 * 128 * 2| fits), then pairs to int32 */
+#define DOT_U8S8(acc, u, a) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1)))
+#endif
+static inline __attribute__((always_inline)) void block_tile_n(const uint8_t *wb, const uint16_t *sb, int G,
+                                                               const int8_t *const *qa, const int32_t *const *gs,
+                                                               const int nt, float *out) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 acc[TILE][2];
+    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m256i d[TILE][2];
+        for (int t = 0; t < nt; t++) d[t][0] = d[t][1] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            for (int h = 0; h < 2; h++) {  /* rows 8h .. 8h+7 */
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(wb + (size_t)(g * 4 + c) * 64 + h * 32));
+                const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+                for (int t = 0; t < nt; t++) {
+                    const int8_t *a = qa[t] + g * GROUP + c * 8;
+                    d[t][h] = DOT_U8S8(d[t][h], lo, _mm256_set1_epi32(load_i32(a)));
+                    d[t][h] = DOT_U8S8(d[t][h], hi, _mm256_set1_epi32(load_i32(a + 4)));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sb + g * ROWS + h * 8)));
+            for (int t = 0; t < nt; t++) {
+                const __m256i v = _mm256_sub_epi32(d[t][h], _mm256_set1_epi32(8 * gs[t][g]));
+                acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), s, acc[t][h]);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        _mm256_storeu_ps(out + t * ROWS, acc[t][0]);
+        _mm256_storeu_ps(out + t * ROWS + 8, acc[t][1]);
+    }
+}
+#elif defined(USE_NEON)
+static inline __attribute__((always_inline)) void block_tile_n(const uint8_t *wb, const uint16_t *sb, int G,
+                                                               const int8_t *const *qa, const int32_t *const *gs,
+                                                               const int nt, float *out) {
+    (void)gs;  /* signed weights: no correction term */
+    const uint8x16_t low = vdupq_n_u8(0x0F), eight = vdupq_n_u8(8);
+    float32x4_t acc[TILE][4];
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < 4; h++) acc[t][h] = vdupq_n_f32(0.0f);
+    for (int g = 0; g < G; g++) {
+        int32x4_t d[TILE][4];
+        for (int t = 0; t < nt; t++)
+            for (int h = 0; h < 4; h++) d[t][h] = vdupq_n_s32(0);
+        for (int c = 0; c < 4; c++) {
+            for (int h = 0; h < 4; h++) {  /* rows 4h .. 4h+3 */
+                const uint8x16_t b = vld1q_u8(wb + (size_t)(g * 4 + c) * 64 + h * 16);
+                const int8x16_t lo = vreinterpretq_s8_u8(vsubq_u8(vandq_u8(b, low), eight));
+                const int8x16_t hi = vreinterpretq_s8_u8(vsubq_u8(vshrq_n_u8(b, 4), eight));
+                for (int t = 0; t < nt; t++) {
+                    const int8_t *a = qa[t] + g * GROUP + c * 8;
+                    d[t][h] = vdotq_s32(d[t][h], lo, vreinterpretq_s8_s32(vdupq_n_s32(load_i32(a))));
+                    d[t][h] = vdotq_s32(d[t][h], hi, vreinterpretq_s8_s32(vdupq_n_s32(load_i32(a + 4))));
+                }
+            }
+        }
+        for (int h = 0; h < 4; h++) {
+            const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sb + g * ROWS + h * 4)));
+            for (int t = 0; t < nt; t++) acc[t][h] = vfmaq_f32(acc[t][h], vcvtq_f32_s32(d[t][h]), s);
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < 4; h++) vst1q_f32(out + t * ROWS + h * 4, acc[t][h]);
+}
+#else
+static inline void block_tile_n(const uint8_t *wb, const uint16_t *sb, int G, const int8_t *const *qa,
+                                const int32_t *const *gs, const int nt, float *out) {
+    (void)gs;
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < ROWS; r++) {
+            float acc = 0.0f;
+            for (int g = 0; g < G; g++) {
+                int32_t d = 0;
+                for (int c = 0; c < 4; c++)
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t b = wb[(size_t)(g * 4 + c) * 64 + r * 4 + j];
+                        d += ((b & 15) - 8) * qa[t][g * GROUP + c * 8 + j] + ((b >> 4) - 8) * qa[t][g * GROUP + c * 8 + 4 + j];
+                    }
+                acc += half_to_float(sb[g * ROWS + r]) * (float)d;
+            }
+            out[t * ROWS + r] = acc;
+        }
+}
+#endif
+
+/* Dispatch on the tile's token count so each case compiles with constant trip counts (registers, no spills). */
+static void block_tile(const uint8_t *wb, const uint16_t *sb, int G, const int8_t *const *qa,
+                       const int32_t *const *gs, int nt, float *out) {
+    switch (nt) {
+        case 1: block_tile_n(wb, sb, G, qa, gs, 1, out); break;
+        case 2: block_tile_n(wb, sb, G, qa, gs, 2, out); break;
+        case 3: block_tile_n(wb, sb, G, qa, gs, 3, out); break;
+        default: block_tile_n(wb, sb, G, qa, gs, 4, out); break;
+    }
+}
+
+/* ---- a matrix in our layout, and row blocks of products ------------------------------------------------ */
+typedef struct {
+    const uint8_t *w;
+    const uint16_t *s;
+    const float *corr;
+    int N, K;
+} Mat;
+
+static Mat mat_at(const uint8_t *w, const uint16_t *s, const float *corr, int N, int K, int index) {
+    Mat m = {w + (size_t)index * N * K / 2, s + (size_t)index * N * (K / GROUP), corr + (size_t)index * N, N, K};
+    return m;
+}
+
+/* For tokens rows[0..n) of a (n <= TILE) and rows 16*nb .. 16*nb+15 of m:
+ * dst[i * ld + r] (+)= coef[i] * y  (coef NULL: 1, accumulate 0: overwrite). */
+static void product_tile(const Mat *m, int nb, const Acts *a, const int *rows, int n, float *const *dst,
+                         const float *coef, int accumulate) {
+    const int G = m->K / GROUP;
+    const int8_t *qa[TILE];
+    const int32_t *gs[TILE];
+    float out[TILE * ROWS];
+    for (int i = 0; i < n; i++) {
+        qa[i] = a->q + (size_t)rows[i] * m->K;
+        gs[i] = a->gsum + (size_t)rows[i] * G;
+    }
+    block_tile(m->w + (size_t)nb * m->K * 8, m->s + (size_t)nb * G * ROWS, G, qa, gs, n, out);
+    const float *corr = m->corr + nb * ROWS;
+    for (int i = 0; i < n; i++) {
+        const float sa = a->scale[rows[i]] * (coef ? coef[i] : 1.0f), zp = (float)a->zero[rows[i]];
+        float *y = dst[i] + nb * ROWS;
+        for (int r = 0; r < ROWS; r++) {
+            const float v = sa * (out[i * ROWS + r] - zp * corr[r]);
+            y[r] = accumulate ? y[r] + v : v;
+        }
+    }
+}
+
+/* ---- entry points ----------------------------------------------------------------------------------- */
+/* y[T][N] = 8da4w(x[T][K]) @ W^T. */
+void q4_linear(const float *x, int T, int K, int N, const uint8_t *w, const uint16_t *s, const float *corr,
+               float *y) {
+    Acts a = quantize_rows(x, T, K);
+    const Mat m = {w, s, corr, N, K};
+    const int blocks = N / ROWS, tiles = (T + TILE - 1) / TILE;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int nb = 0; nb < blocks; nb++)
+        for (int tile = 0; tile < tiles; tile++) {
+            int rows[TILE];
+            float *dst[TILE];
+            const int n = T - tile * TILE < TILE ? T - tile * TILE : TILE;
+            for (int i = 0; i < n; i++) {
+                rows[i] = tile * TILE + i;
+                dst[i] = y + (size_t)rows[i] * N;
+            }
+            product_tile(&m, nb, &a, rows, n, dst, NULL, 0);
+        }
+    acts_free(&a);
+}
+
+/* SwiGLU experts over groups of token slots: for expert e (of E), slots start[e] .. start[e+1] hold
+ * tokens token[slot] with weights coef[slot] (NULL: 1); y[token] (+)= coef * down_e(silu(gate_e x) * up_e x).
+ * gate_up: E matrices [2I, D] (gate rows first); down: E matrices [D, I]. x is already quantized (a). */
+static void swiglu_experts(const Acts *a, int D, int I, int E, const int *start, const int *token,
+                           const float *coef, const uint8_t *gu_w, const uint16_t *gu_s, const float *gu_c,
+                           const uint8_t *dn_w, const uint16_t *dn_s, const float *dn_c, float *y, int accumulate) {
+    const int S = start[E];
+    int *active = malloc(sizeof(int) * (E + 1)), n_active = 0;
+    for (int e = 0; e < E; e++)
+        if (start[e + 1] > start[e]) active[n_active++] = e;
+    float *hidden = malloc(sizeof(float) * (size_t)S * 2 * I);
+    Acts h = acts_new(S, I);
+    const int blocks_up = 2 * I / ROWS, blocks_down = D / ROWS;
+#pragma omp parallel
+    {
+#pragma omp for collapse(2) schedule(static)
+        for (int ia = 0; ia < n_active; ia++)
+            for (int nb = 0; nb < blocks_up; nb++) {
+                const int e = active[ia];
+                const Mat m = mat_at(gu_w, gu_s, gu_c, 2 * I, D, e);
+                for (int s0 = start[e]; s0 < start[e + 1]; s0 += TILE) {
+                    const int n = start[e + 1] - s0 < TILE ? start[e + 1] - s0 : TILE;
+                    float *dst[TILE];
+                    for (int i = 0; i < n; i++) dst[i] = hidden + (size_t)(s0 + i) * 2 * I;
+                    product_tile(&m, nb, a, token + s0, n, dst, NULL, 0);
+                }
+            }
+#pragma omp for schedule(static)
+        for (int slot = 0; slot < S; slot++) {  /* silu(gate) * up, then quantized like any activation */
+            float *row = hidden + (size_t)slot * 2 * I;
+            for (int i = 0; i < I; i++) row[i] = row[i] / (1.0f + expf(-row[i])) * row[I + i];
+            quantize_row(row, I, &h, slot);
+        }
+#pragma omp for schedule(static)
+        for (int nb = 0; nb < blocks_down; nb++) {
+            if (!accumulate)
+                for (int slot = 0; slot < S; slot++) memset(y + (size_t)token[slot] * D + nb * ROWS, 0, sizeof(float) * ROWS);
+            for (int ia = 0; ia < n_active; ia++) {
+                const int e = active[ia];
+                const Mat m = mat_at(dn_w, dn_s, dn_c, D, I, e);
+                for (int s0 = start[e]; s0 < start[e + 1]; s0 += TILE) {
+                    const int n = start[e + 1] - s0 < TILE ? start[e + 1] - s0 : TILE;
+                    int slots[TILE];
+                    float *dst[TILE];
+                    for (int i = 0; i < n; i++) {
+                        slots[i] = s0 + i;
+                        dst[i] = y + (size_t)token[s0 + i] * D;
+                    }
+                    product_tile(&m, nb, &h, slots, n, dst, coef ? coef + s0 : NULL, 1);
+                }
+            }
+        }
+    }
+    acts_free(&h);
+    free(hidden);
+    free(active);
+}
+
+/* A dense SwiGLU FFN: y[T][D] = down(silu(gate x) * up x). */
+void q4_ffn(const float *x, int T, int D, int I, const uint8_t *gu_w, const uint16_t *gu_s, const float *gu_c,
+            const uint8_t *dn_w, const uint16_t *dn_s, const float *dn_c, float *y) {
+    Acts a = quantize_rows(x, T, D);
+    int *token = malloc(sizeof(int) * T), start[2] = {0, T};
+    for (int t = 0; t < T; t++) token[t] = t;
+    swiglu_experts(&a, D, I, 1, start, token, NULL, gu_w, gu_s, gu_c, dn_w, dn_s, dn_c, y, 0);
+    free(token);
+    acts_free(&a);
+}
+
+/* A MoE block after routing: y[t] = shared(x[t]) + sum_j weights[t][j] * expert_{experts[t][j]}(x[t]).
+ * x quantized once for the shared expert and all routed ones. I_shared = 0: no shared expert. */
+void q4_moe(const float *x, int T, int D, const int64_t *experts, const float *weights, int k, int E, int I,
+            const uint8_t *gu_w, const uint16_t *gu_s, const float *gu_c, const uint8_t *dn_w,
+            const uint16_t *dn_s, const float *dn_c, int I_shared, const uint8_t *sgu_w, const uint16_t *sgu_s,
+            const float *sgu_c, const uint8_t *sdn_w, const uint16_t *sdn_s, const float *sdn_c, float *y) {
+    Acts a = quantize_rows(x, T, D);
+    const int S = T * k;
+    int *start = calloc(E + 1, sizeof(int)), *token = malloc(sizeof(int) * S), *fill = malloc(sizeof(int) * E);
+    float *coef = malloc(sizeof(float) * S);
+    for (int i = 0; i < S; i++) start[experts[i] + 1]++;
+    for (int e = 0; e < E; e++) start[e + 1] += start[e];
+    memcpy(fill, start, sizeof(int) * E);
+    for (int i = 0; i < S; i++) {  /* counting sort by expert, stable in token order */
+        const int slot = fill[experts[i]]++;
+        token[slot] = i / k;
+        coef[slot] = weights[i];
+    }
+    if (I_shared > 0) {
+        int *all = malloc(sizeof(int) * T), all_start[2] = {0, T};
+        for (int t = 0; t < T; t++) all[t] = t;
+        swiglu_experts(&a, D, I_shared, 1, all_start, all, NULL, sgu_w, sgu_s, sgu_c, sdn_w, sdn_s, sdn_c, y, 0);
+        free(all);
+    } else {
+        memset(y, 0, sizeof(float) * (size_t)T * D);
+    }
+    swiglu_experts(&a, D, I, E, start, token, coef, gu_w, gu_s, gu_c, dn_w, dn_s, dn_c, y, 1);
+    free(start); free(token); free(fill); free(coef);
+    acts_free(&a);
+}
+
+/* Decode attention for one token over the filled part of the cache only (positions 0 .. len-1).
+ * q [H][hd]; caches [KVH][max_len][hd] (fp32); out [H][hd]. Grouped-query: head h reads kv head h / (H/KVH). */
+void attention_decode(const float *q, const float *k_cache, const float *v_cache, int H, int KVH, int hd,
+                      int max_len, int len, float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < H; h++) {
+        const float *qh = q + (size_t)h * hd;
+        const float *kh = k_cache + (size_t)(h / (H / KVH)) * max_len * hd;
+        const float *vh = v_cache + (size_t)(h / (H / KVH)) * max_len * hd;
+        float *p = malloc(sizeof(float) * len), top = -INFINITY, sum = 0.0f;
+        for (int j = 0; j < len; j++) {
+            float dot = 0.0f;
+            for (int d = 0; d < hd; d++) dot += qh[d] * kh[(size_t)j * hd + d];
+            p[j] = dot * scale;
+            top = p[j] > top ? p[j] : top;
+        }
+        for (int j = 0; j < len; j++) sum += (p[j] = expf(p[j] - top));
+        float *o = out + (size_t)h * hd;
+        for (int d = 0; d < hd; d++) o[d] = 0.0f;
+        for (int j = 0; j < len; j++) {
+            const float w = p[j] / sum;
+            for (int d = 0; d < hd; d++) o[d] += w * vh[(size_t)j * hd + d];
+        }
+        free(p);
+    }
+}
