@@ -218,3 +218,27 @@ def test_decode_attention_reads_only_the_filled_cache(kernel_variant):
     want = F.scaled_dot_product_attention(q, k[:, :, :length], v[:, :, :length], enable_gqa=True)
     k[:, :, length:], v[:, :, length:] = float("nan"), float("nan")  # never read
     torch.testing.assert_close(q4.attention_decode(q, k, v, torch.tensor(length)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_neon_variant_under_qemu_equals_portable_c(tmp_path):
+    """The ARM NEON (sdot) variant, cross-compiled and run under qemu-aarch64, against the portable C build
+    of the same self-test (tests/kernels/selftest.c). Skips where the cross toolchain is not installed
+    (Debian: gcc-aarch64-linux-gnu, libgomp1-arm64-cross, qemu-user)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    gcc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if gcc is None or qemu is None:
+        pytest.skip("no aarch64 cross compiler or qemu-aarch64 here")
+    source = Path(__file__).parent / "kernels" / "selftest.c"
+    outputs = {}
+    for variant, flags in (("neon_dot", ["-march=armv8.2-a+dotprod+fp16"]), ("portable", [])):
+        binary = tmp_path / variant
+        subprocess.run([gcc, "-O2", "-std=gnu11", "-fopenmp", *flags, str(source), "-o", str(binary), "-lm"],
+                       check=True)
+        lines = subprocess.run([qemu, "-L", "/usr/aarch64-linux-gnu", str(binary)], check=True, capture_output=True,
+                               text=True).stdout.split()
+        assert lines[-1] == variant
+        outputs[variant] = torch.tensor([float(v) for v in lines[:-1]])
+    assert _relative_error(outputs["neon_dot"], outputs["portable"]) < 1e-6

@@ -1,0 +1,39 @@
+/* Kernel self-test for builds that Python cannot load here (the NEON variant under qemu-aarch64):
+ * includes the kernels, fills one matrix in the layout with fixed pseudo-random bytes and scales, runs
+ * q4_linear on a few tokens and prints the outputs, one per line. tests/test_infer.py compares the
+ * output of each build with the same program built as the portable variant. */
+#include "../../src/mobilemoe/infer/kernels/q8q4.c"
+
+#include <stdio.h>
+
+static uint32_t state = 12345u;
+static uint32_t next(void) { state = state * 1664525u + 1013904223u; return state >> 8; }
+
+int main(void) {
+    enum { N = 48, K = 96, T = 5 };
+    static uint8_t w[N * K / 2];
+    static uint16_t s[N * K / 32];
+    static float corr[N], x[T * K], y[T * N];
+    for (int i = 0; i < N * K / 2; i++) w[i] = (uint8_t)next();
+    for (int i = 0; i < N * K / 32; i++) s[i] = (uint16_t)(0x2000 + next() % 0x800);  /* fp16 ~ 0.008 .. 0.03 */
+    for (int n = 0; n < N; n++) {  /* corr[n] = sum_g scale * sum q, from the layout */
+        float c = 0.0f;
+        for (int g = 0; g < K / GROUP; g++) {
+            int sum = 0;
+            for (int ch = 0; ch < 4; ch++)
+                for (int j = 0; j < 4; j++) {
+                    const uint8_t b = w[(size_t)(n / ROWS) * K * 8 + (g * 4 + ch) * 64 + (n % ROWS) * 4 + j];
+                    sum += (b & 15) - 8 + (b >> 4) - 8;
+                }
+            c += half_to_float(s[(size_t)(n / ROWS) * (K / GROUP) * ROWS + g * ROWS + n % ROWS]) * (float)sum;
+        }
+        corr[n] = c;
+    }
+    for (int i = 0; i < T * K; i++) x[i] = (float)((int)(next() % 2001) - 1000) / 250.0f;
+    for (int t = 1; t <= T; t += 4) {  /* one token (decode) and a tile of four */
+        q4_linear(x, t, K, N, w, s, corr, y);
+        for (int i = 0; i < t * N; i++) printf("%.9g\n", y[i]);
+    }
+    printf("%s\n", q4_variant());
+    return 0;
+}
