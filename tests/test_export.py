@@ -45,15 +45,20 @@ def llama_cpp_run(path, ids: list[int], n_new: int) -> tuple[np.ndarray, list[in
 
     llm = Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
     try:
-        llm.eval(ids)
-        logits = np.array(llm.scores[: len(ids)])
-        new = []
-        for _ in range(n_new):
-            new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([new[-1]])
-        return logits, new
+        return llama_cpp_run_with(llm, ids, n_new)
     finally:
         llm.close()
+
+
+def llama_cpp_run_with(llm, ids: list[int], n_new: int) -> tuple[np.ndarray, list[int]]:
+    llm.reset()
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)])
+    new = []
+    for _ in range(n_new):
+        new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([new[-1]])
+    return logits, new
 
 
 SCALED_ROPE = {"factor": 16.0, "original_max_position": 64}  # low frequencies of micro's head_dim 16 scaled
@@ -64,7 +69,8 @@ SCALED_ROPE = {"factor": 16.0, "original_max_position": 64}  # low frequencies o
     ({"n_shared_experts": 0, "shared_expert_size": 0}, "exaone-moe"),
     ({"preset": "micro-dense", "qk_norm": False, "rope_scaling": SCALED_ROPE}, "llama"),
     ({"preset": "micro-dense"}, "qwen3"),
-], ids=["moe-llama3-rope", "moe-no-shared", "dense-llama3-rope", "dense-qk-norm"])
+    ({"preset": "micro-dense", "rope_scaling": SCALED_ROPE}, "exaone-moe"),
+], ids=["moe-llama3-rope", "moe-no-shared", "dense-llama3-rope", "dense-qk-norm", "dense-qk-norm-llama3-rope"])
 def test_gguf_f32_greedy_and_q8_logits_match(overrides, arch, tmp_path):
     import gguf
 
@@ -120,6 +126,40 @@ def test_gguf_mobilemoe_s_logits_match(tmp_path):
     logits, _ = llama_cpp_run(export_gguf(loaded, tmp_path / "s-q8_0.gguf", "q8_0"), ids, 0)
     assert np.median(np.abs(logits - ref).max(-1)) / scale < 5e-2
     assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+
+
+def test_smollm2_gguf_export_keeps_the_model_and_its_tokenizer(smollm2, smollm2_gguf, tmp_path):
+    """The real model (imported from its Q4_1 GGUF) out again through `export gguf`: the original file's
+    architecture, tokenizer and chat metadata kept; llama.cpp's f32 greedy tokens equal ours."""
+    import gguf
+    from llama_cpp import Llama
+
+    from mobilemoe.export.gguf import export_gguf
+    from mobilemoe.infer.generate import generate_tokens
+
+    original = gguf.GGUFReader(smollm2_gguf).fields
+    path = export_gguf(smollm2, tmp_path / "s.gguf", "f32")
+    fields = gguf.GGUFReader(path).fields
+    for key in ("general.architecture", "llama.attention.head_count_kv", "llama.rope.freq_base", "tokenizer.ggml.pre",
+                "tokenizer.chat_template", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.add_bos_token", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        assert fields[key].contents() == original[key].contents(), key
+
+    tok = smollm2.tokenizer
+    questions = ["What is the capital of France?"]
+    prompts = [tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in questions]
+    llm = Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    try:
+        for q, ids in zip(questions, prompts, strict=True):
+            rendered = tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)
+            assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == ids
+            with torch.no_grad():
+                ref = smollm2.model(torch.tensor([ids])).logits[0].numpy()
+            logits, theirs = llama_cpp_run_with(llm, ids, 16)
+            assert theirs == list(generate_tokens(smollm2.model, ids, 16))
+            assert np.abs(logits - ref).max() / np.abs(ref).max() < 3e-3  # 30 layers in f32: measured 1.1e-3
+    finally:
+        llm.close()
 
 
 def test_gguf_tokenizer_matches_ours(loaded, tmp_path):

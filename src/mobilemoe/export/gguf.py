@@ -4,6 +4,7 @@
 |---|---|---|
 | dense, no QK-norm (MobileLLM, SmolLM2) | `llama` | reads `rope_freqs` (llama3 scaling), GQA |
 | dense, QK-norm, no RoPE scaling | `qwen3` | per-head RMS q/k norm before NeoX RoPE, GQA |
+| dense, QK-norm, llama3 scaling (MobileLLM-Pro) | `exaone-moe`, all layers leading dense | qwen3 + rope_freqs |
 | MoE, QK-norm | `exaone-moe` | sigmoid routing + selection bias, shared expert, q/k norm, GQA, rope_freqs |
 
 Checked in the llama.cpp vendored by llama-cpp-python 0.3.36 (`src/models/*.cpp`). `dots1`, which we wrote
@@ -23,7 +24,7 @@ Details each mapping relies on:
 - A model without shared experts gets one all-zero shared expert (exaone-moe requires the tensors; adds 0).
 
 Refused (not computed exactly by any of these): interleaved dense/MoE layers (`moe_layer_step > 1`), MoE
-without QK-norm, dense QK-norm models with llama3 RoPE scaling (qwen3 reads no `rope_freqs`).
+without QK-norm.
 """
 
 from __future__ import annotations
@@ -54,12 +55,9 @@ def architecture(cfg: ModelConfig) -> str:
                         "shared expert and selection bias only have leading dense blocks)")
     if cfg.is_moe and not cfg.qk_norm:
         problems.append("MoE without QK-norm (exaone-moe always normalises q/k)")
-    if not cfg.is_moe and cfg.qk_norm and cfg.rope_scaling is not None:
-        problems.append("a dense QK-norm model with llama3 RoPE scaling (qwen3 reads no rope_freqs; train with "
-                        "rope_scaling: null or without qk_norm)")
     if problems:
         raise MobileMoEError(f"cannot export model '{cfg.name}' to GGUF/llama.cpp exactly: " + "; ".join(problems))
-    if cfg.is_moe:
+    if cfg.is_moe or cfg.qk_norm and cfg.rope_scaling is not None:  # qwen3 reads no rope_freqs
         return "exaone-moe"
     return "qwen3" if cfg.qk_norm else "llama"
 
@@ -119,7 +117,7 @@ def _write_hparams(writer, cfg: ModelConfig, arch: str, quant: str) -> None:
     # Every layer sliding-window (the only layers exaone-moe ropes) with a window of the whole context.
     writer.add_sliding_window(cfg.max_seq_len)
     writer.add_sliding_window_pattern(0)  # 0: every layer is a sliding-window layer
-    writer.add_leading_dense_block_count(0)
+    writer.add_leading_dense_block_count(0 if cfg.is_moe else cfg.n_layers)
     writer.add_expert_count(cfg.n_routed_experts)
     writer.add_expert_used_count(cfg.top_k)
     writer.add_expert_feed_forward_length(cfg.expert_size)
@@ -147,11 +145,18 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(_merges(tokenizer))
-    writer.add_bos_token_id(tokenizer.eos_id)  # we train without BOS; llama.cpp wants some id here
-    writer.add_add_bos_token(False)
-    writer.add_eos_token_id(tokenizer.eos_id)
-    if tokenizer.im_end_id is not None:
-        writer.add_eot_token_id(tokenizer.im_end_id)
+    # A model's own special tokens (tokenizer_config.json of an imported checkpoint) are kept; a tokenizer we
+    # trained has no BOS (llama.cpp wants some id: eos) and ends turns with <|im_end|>.
+    tokens_named = {k: v for k, v in tokenizer.config.items() if k.endswith("_token") and isinstance(v, str)}
+    named = {k: i for k, v in tokens_named.items() if (i := tokenizer.hf.token_to_id(v)) is not None}
+    writer.add_bos_token_id(named.get("bos_token", tokenizer.eos_id))
+    writer.add_add_bos_token(bool(tokenizer.config.get("add_bos_token", False)))
+    writer.add_eos_token_id(named.get("eos_token", tokenizer.eos_id))
+    if "pad_token" in named:
+        writer.add_pad_token_id(named["pad_token"])
+    if named.get("eot_token", tokenizer.im_end_id) is not None:
+        writer.add_eot_token_id(named.get("eot_token", tokenizer.im_end_id))
+    if "chat_template" in tokenizer.config or tokenizer.im_end_id is not None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
