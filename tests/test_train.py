@@ -78,6 +78,7 @@ def test_four_stages_chain_and_report(data_recipe, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert len(records[0]["expert_load"]) == 2 and abs(sum(records[0]["expert_load"][0]) - 1) < 1e-5
     assert any("val_loss" in r for r in records)
+    assert all(0 < r["mfu"] < 1 and r["peak_memory_mb"] > 0 for r in records)
     # each stage starts from the previous one's weights: midtrain's first loss is below pretrain's first
     assert _losses(tmp_path / "run", "midtrain")[0] < _losses(tmp_path / "run", "pretrain")[0]
     assert {p.name for p in plot_run(tmp_path / "run")} == {"loss.png"} | {

@@ -10,7 +10,7 @@ import yaml
 from mobilemoe.cli import main
 from mobilemoe.config import get_preset
 from mobilemoe.errors import ConfigError
-from mobilemoe.train.flops import device_peak, flops_per_token, recipe_cost
+from mobilemoe.train.flops import device_peak, flops_per_token, peak_memory_mb, recipe_cost
 from mobilemoe.train.recipe import load_recipe, parse_recipe
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -65,3 +65,7 @@ def test_training_a_hub_recipe_is_refused_clearly(tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert exit_.value.code != 0 and "training from the hub is not supported" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_peak_memory_is_the_resident_high_water_mark():
+    assert peak_memory_mb() > 10  # this Python process with torch loaded holds well over 10 MiB

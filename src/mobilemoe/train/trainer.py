@@ -36,6 +36,7 @@ from mobilemoe.io import atomic_dir, atomic_write_text, claim_dir, mark_dir
 from mobilemoe.model import Transformer, count_parameters
 from mobilemoe.quantize import prepare_qat
 from mobilemoe.train import parallel
+from mobilemoe.train.flops import device_peak, flops_per_token, peak_memory_mb
 from mobilemoe.train.recipe import Recipe, StageConfig, as_recipe
 from mobilemoe.ui import console, progress
 
@@ -105,6 +106,9 @@ class StageTrainer:
         self.batches = PackedBatches(sources, seq_len=stage.seq_len, batch_size=stage.batch_size,
                                      seed=data_seed, rank=world.rank, world_size=world.size)
         self.tokens_per_step = stage.batch_size * stage.seq_len * stage.grad_accum * world.size
+        # MFU of fp32 training on this CPU, against the matmul peak measured here (train/device_peaks.yaml)
+        self.model_flops_per_token = flops_per_token(self.cfg, stage.seq_len)
+        self.peak_flop_s = device_peak("this-cpu").fp32_tflops * 1e12 * world.size
         self.step, self.best_val = 0, math.inf
 
     def _mixture(self) -> list[tuple[str, float]]:
@@ -253,7 +257,9 @@ class StageTrainer:
                 self.step += 1
                 tok_s = self.tokens_per_step / (time.perf_counter() - step_started)
                 record: dict[str, Any] = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss,
-                                          "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+                                          "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
+                                          "mfu": tok_s * self.model_flops_per_token / self.peak_flop_s,
+                                          "peak_memory_mb": peak_memory_mb()}
                 if load is not None:
                     load = parallel.all_reduce_sum(load.clone(), world)
                     record["expert_load"] = (load / load.sum(-1, keepdim=True)).tolist()
@@ -274,7 +280,7 @@ class StageTrainer:
                     metrics.write(json.dumps(record, allow_nan=False) + "\n")
                     metrics.flush()
                     _log_tensorboard(writer, s.name, record)
-                info = f"loss {loss:.3f}  lr {lr:.1e}  {tok_s:,.0f} tok/s" + (
+                info = f"loss {loss:.3f}  lr {lr:.1e}  {tok_s:,.0f} tok/s  MFU {record['mfu']:.1%}" + (
                     f"  val {val_loss:.3f}" if math.isfinite(val_loss) else "")
                 bar.update(task, completed=self.step, info=info)
                 if self.step % s.checkpoint_every == 0 and self.step < s.steps:
@@ -401,7 +407,7 @@ def _tensorboard(path: Path, world: parallel.World):
 def _log_tensorboard(writer, stage: str, record: dict[str, Any]) -> None:
     if writer is None:
         return
-    for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "max_violation"):
+    for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_mb", "max_violation"):
         if key in record:
             writer.add_scalar(f"{stage}/{key}", record[key], record["tokens"])
 
