@@ -165,7 +165,7 @@ def user_dir(path: Path) -> Path:
     (lambda r: r.update(stages=[]), [r"'stages' must be a non-empty list"]),
     (lambda r: r.update(stages=[5]), [r"field 'stages\[0\]' must be a mapping of StageConfig fields, got 5"]),
     (lambda r: r["stages"].append(dict(r["stages"][0])), [r"stage names must be unique"]),
-    (lambda r: r.pop("data"), [r"missing key 'data'"]),
+    (lambda r: r.pop("data"), [r"give exactly one of 'data'"]),
 ], ids=["steps-text", "steps-fraction", "model-int", "rope_scaling-int", "qk_norm-text", "model-typo", "heads",
         "preset-typo", "key-typo", "seed-text", "stage-key", "kind", "seq_len-above-max", "weight-text",
         "weight-negative", "warmup", "lr-zero", "no-stages", "stage-not-mapping", "duplicate-stage", "no-data"])
@@ -176,7 +176,8 @@ def test_bad_recipe_field_is_named(refused, world, tmp_path, change, patterns):
 
 def test_unknown_key_message_lists_only_user_keys(refused, world, tmp_path):
     recipe = recipe_with(world, tmp_path, lambda r: r.update(base_dir="."))
-    err = refused("train", recipe, patterns=[r"unknown key 'base_dir'; known keys: name, model, data, stages, seed$"])
+    err = refused("train", recipe,
+                  patterns=[r"unknown key 'base_dir'; known keys: name, model, stages, data, hub_data, seed$"])
     assert err.count("base_dir") == 1
 
 
