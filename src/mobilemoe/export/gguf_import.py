@@ -299,7 +299,7 @@ def model_name(path: Path) -> str:
 
 def resolve_source(source: str | Path) -> tuple[Path, dict]:
     """(GGUF file, provenance): an existing file, or a registry model name fetched into the cache."""
-    from mobilemoe.data.registry import MODELS, fetch_model, model_fetch_info
+    from mobilemoe.data.registry import MODELS, fetch_info, fetch_model
 
     path = Path(source)
     if path.is_file() or str(source) not in MODELS:
@@ -307,7 +307,7 @@ def resolve_source(source: str | Path) -> tuple[Path, dict]:
             raise MobileMoEError(f"{source} is neither a GGUF file nor a registry model ({', '.join(MODELS)})")
         return path, {"file": str(path.resolve())}
     file = fetch_model(str(source))
-    return file, {"registry": model_fetch_info(str(source))}
+    return file, {"registry": fetch_info(str(source), kind="models")}
 
 
 def import_gguf(source: str | Path, out: str | Path, force: bool = False) -> Path:
