@@ -67,10 +67,13 @@ SCALED_ROPE = {"factor": 16.0, "original_max_position": 64}  # low frequencies o
 @pytest.mark.parametrize("overrides, arch", [
     ({"rope_scaling": SCALED_ROPE}, "exaone-moe"),
     ({"n_shared_experts": 0, "shared_expert_size": 0}, "exaone-moe"),
+    ({"qk_norm": False}, "glm4moe"),
+    ({"qk_norm": False, "n_shared_experts": 0, "shared_expert_size": 0}, "glm4moe"),
     ({"preset": "micro-dense", "qk_norm": False, "rope_scaling": SCALED_ROPE}, "llama"),
     ({"preset": "micro-dense"}, "qwen3"),
     ({"preset": "micro-dense", "rope_scaling": SCALED_ROPE}, "exaone-moe"),
-], ids=["moe-llama3-rope", "moe-no-shared", "dense-llama3-rope", "dense-qk-norm", "dense-qk-norm-llama3-rope"])
+], ids=["moe-llama3-rope", "moe-no-shared", "moe-no-qk-norm", "moe-no-qk-norm-no-shared", "dense-llama3-rope",
+        "dense-qk-norm", "dense-qk-norm-llama3-rope"])
 def test_gguf_f32_greedy_and_q8_logits_match(overrides, arch, tmp_path):
     import gguf
 
@@ -183,6 +186,8 @@ def test_gguf_refuses_bad_input_without_leaving_a_file(loaded, tmp_path):
     interleaved = tiny_model(n_layers=2, moe_layer_step=2, ffn_size=128)
     with pytest.raises(MobileMoEError, match="interleaved dense and MoE"):
         export_gguf(interleaved, tmp_path / "b.gguf", "f32")
+    with pytest.raises(MobileMoEError, match="without QK-norm but with llama3 RoPE scaling"):
+        export_gguf(tiny_model(qk_norm=False, rope_scaling=SCALED_ROPE), tmp_path / "c.gguf", "f32")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -200,8 +205,9 @@ def max_rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("overrides", [{}, {"rope_scaling": {"factor": 8.0, "original_max_position": 64}},
                                        {"n_layers": 1, "n_routed_experts": 0, "ffn_size": 128},
+                                       {"qk_norm": False},
                                        {"n_layers": 1, "n_routed_experts": 0, "ffn_size": 128, "qk_norm": False}],
-                         ids=["dots1", "dots1-llama3-rope", "qwen3-dense", "llama-dense"])
+                         ids=["dots1", "dots1-llama3-rope", "qwen3-dense", "glm4moe", "llama-dense"])
 def test_hf_export_logits_match_and_import_round_trips(overrides, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -6,6 +6,7 @@
 | dense, QK-norm, no RoPE scaling | `qwen3` | per-head RMS q/k norm before NeoX RoPE, GQA |
 | dense, QK-norm, llama3 scaling (MobileLLM-Pro) | `exaone-moe`, all layers leading dense | qwen3 + rope_freqs |
 | MoE, QK-norm | `exaone-moe` | sigmoid routing + selection bias, shared expert, q/k norm, GQA, rope_freqs |
+| MoE, no QK-norm, no RoPE scaling (upcycled SmolLM2) | `glm4moe` | the same MoE block; q/k norms optional |
 
 Checked in the llama.cpp vendored by llama-cpp-python 0.3.36 (`src/models/*.cpp`). `dots1`, which we wrote
 before, has the same MoE block but sizes K/V as n_head x head_dim (GQA only as repeated heads, 3x the KV
@@ -21,10 +22,15 @@ Details each mapping relies on:
 - `exaone-moe` applies RoPE only on sliding-window layers (its global layers have none), so every layer is
   written as sliding-window with a window of the full context: full attention with RoPE everywhere.
 - q/k norms: ours has no learned scale, so the GGUF norm weights are ones.
-- A model without shared experts gets one all-zero shared expert (exaone-moe requires the tensors; adds 0).
+- A model without shared experts gets one all-zero shared expert (exaone-moe requires the tensors, glm4moe's
+  graph adds a shared expert whether or not it loaded one; an all-zero one adds 0).
+- `glm4moe` (GLM-4.5) loads its q/k norms and q/k/v biases only when present, ropes NeoX style
+  (our rotate-half, no permutation), and names the pre-FFN norm `post_attention_norm`; its shared expert is
+  `expert_shared_count` experts wide. It passes no frequency factors to RoPE.
 
 Refused (not computed exactly by any of these): interleaved dense/MoE layers (`moe_layer_step > 1`), MoE
-without QK-norm.
+without QK-norm but with llama3 RoPE scaling, a shared expert without QK-norm whose width is not a multiple of
+the expert size.
 """
 
 from __future__ import annotations
@@ -53,10 +59,17 @@ def architecture(cfg: ModelConfig) -> str:
     if cfg.is_moe and cfg.moe_layer_step != 1:
         problems.append("interleaved dense and MoE layers (moe_layer_step > 1; llama.cpp's MoE graphs with a "
                         "shared expert and selection bias only have leading dense blocks)")
-    if cfg.is_moe and not cfg.qk_norm:
-        problems.append("MoE without QK-norm (exaone-moe always normalises q/k)")
+    if cfg.is_moe and not cfg.qk_norm:  # exaone-moe always normalises q/k; glm4moe reads no rope_freqs
+        if cfg.rope_scaling is not None:
+            problems.append("MoE without QK-norm but with llama3 RoPE scaling (exaone-moe always normalises q/k; "
+                            "glm4moe applies no RoPE frequency factors)")
+        if (cfg.n_shared_experts * cfg.shared_expert_size) % cfg.expert_size:
+            problems.append("MoE without QK-norm whose shared expert width is not a multiple of the expert size "
+                            "(glm4moe's shared expert is a whole number of experts wide)")
     if problems:
         raise MobileMoEError(f"cannot export model '{cfg.name}' to GGUF/llama.cpp exactly: " + "; ".join(problems))
+    if cfg.is_moe and not cfg.qk_norm:
+        return "glm4moe"
     if cfg.is_moe or cfg.qk_norm and cfg.rope_scaling is not None:  # qwen3 reads no rope_freqs
         return "exaone-moe"
     return "qwen3" if cfg.qk_norm else "llama"
@@ -112,17 +125,22 @@ def _write_hparams(writer, cfg: ModelConfig, arch: str, quant: str) -> None:
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    if arch != "exaone-moe":
+    if arch not in ("exaone-moe", "glm4moe"):
         return
-    # Every layer sliding-window (the only layers exaone-moe ropes) with a window of the whole context.
-    writer.add_sliding_window(cfg.max_seq_len)
-    writer.add_sliding_window_pattern(0)  # 0: every layer is a sliding-window layer
-    writer.add_leading_dense_block_count(0 if cfg.is_moe else cfg.n_layers)
+    shared = cfg.n_shared_experts * cfg.shared_expert_size
+    if arch == "glm4moe":
+        writer.add_leading_dense_block_count(0)
+        writer.add_expert_shared_count(max(1, shared // cfg.expert_size))
+    else:
+        # Every layer sliding-window (the only layers exaone-moe ropes) with a window of the whole context.
+        writer.add_sliding_window(cfg.max_seq_len)
+        writer.add_sliding_window_pattern(0)  # 0: every layer is a sliding-window layer
+        writer.add_leading_dense_block_count(0 if cfg.is_moe else cfg.n_layers)
+        writer.add_expert_shared_count(1)
+        writer.add_expert_shared_feed_forward_length(shared or cfg.expert_size)
     writer.add_expert_count(cfg.n_routed_experts)
     writer.add_expert_used_count(cfg.top_k)
     writer.add_expert_feed_forward_length(cfg.expert_size)
-    writer.add_expert_shared_count(1)
-    writer.add_expert_shared_feed_forward_length(cfg.n_shared_experts * cfg.shared_expert_size or cfg.expert_size)
     writer.add_expert_weights_scale(cfg.routed_scaling_factor)
     writer.add_expert_weights_norm(cfg.norm_topk_prob)
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.router == "sigmoid"
@@ -197,7 +215,8 @@ def _gguf_tensors(model: Transformer, arch: str) -> list[tuple[str, torch.Tensor
         q, k = a.q_proj.weight, a.k_proj.weight
         if arch == "llama":
             q, k = _rotate_half_to_pairs(q, cfg.n_heads), _rotate_half_to_pairs(k, cfg.n_kv_heads)
-        out += [(p + "attn_norm.weight", block.attn_norm.weight), (p + "ffn_norm.weight", block.ffn_norm.weight),
+        ffn_norm = "post_attention_norm" if arch == "glm4moe" else "ffn_norm"
+        out += [(p + "attn_norm.weight", block.attn_norm.weight), (p + f"{ffn_norm}.weight", block.ffn_norm.weight),
                 (p + "attn_q.weight", q), (p + "attn_k.weight", k), (p + "attn_v.weight", a.v_proj.weight),
                 (p + "attn_output.weight", a.o_proj.weight)]
         if cfg.qk_norm:  # QK-norm without learned scale == RMSNorm with a weight of ones

@@ -8,11 +8,14 @@ rows first) / `down_proj [E, D, I]`. With `n_group = topk_group = 1` the group-l
 every expert. Attention: per-head RMSNorm on q/k before rotate-half RoPE (we set the norm weights to
 ones; our QK-norm has no scale), GQA, no bias; llama3 RoPE scaling via `rope_parameters`.
 
-Dense models map onto `Qwen3ForCausalLM` (QK-norm) or `LlamaForCausalLM` (no QK-norm).
+MoE models without QK-norm (an upcycled SmolLM2) map onto `Glm4MoeForCausalLM` (models/glm4_moe): the same
+router, experts and shared expert as Dots1, with `use_qk_norm: false`, `partial_rotary_factor: 1.0` (it ropes
+all of head_dim, rotate-half) and no attention bias. Dense models map onto `Qwen3ForCausalLM` (QK-norm) or
+`LlamaForCausalLM` (no QK-norm).
 
-Refused, with the reason: softmax routing (Dots1 is sigmoid-only), MoE without QK-norm (Dots1 always
-normalises q/k), interleaved dense layers (`moe_layer_step > 1`; Dots1 only has leading dense layers), a
-shared expert whose width is not a multiple of the routed expert size, untied output heads.
+Refused, with the reason: softmax routing (Dots1 and GLM-4 MoE are sigmoid-only), interleaved dense layers
+(`moe_layer_step > 1`; both only have leading dense layers), a shared expert whose width is not a multiple of the
+routed expert size, untied output heads.
 """
 
 from __future__ import annotations
@@ -32,18 +35,17 @@ from mobilemoe.tokenizer import Tokenizer
 
 def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None):
     """The transformers config that computes exactly what `cfg` does, or MobileMoEError saying why none does."""
-    from transformers import Dots1Config, LlamaConfig, Qwen3Config
+    from transformers import Dots1Config, Glm4MoeConfig, LlamaConfig, Qwen3Config
 
     problems = []
     if not cfg.tie_embeddings:
         problems.append("untied output head (not exported yet)")
     if cfg.is_moe:
         if cfg.router != "sigmoid":
-            problems.append("softmax routing (Dots1's router is sigmoid only)")
-        if not cfg.qk_norm:
-            problems.append("MoE without QK-norm (Dots1 always normalises q and k)")
+            problems.append("softmax routing (Dots1's and GLM-4 MoE's routers are sigmoid only)")
         if cfg.moe_layer_step != 1:
-            problems.append("interleaved dense layers, moe_layer_step > 1 (Dots1 has only leading dense layers)")
+            problems.append("interleaved dense layers, moe_layer_step > 1 (Dots1 and GLM-4 MoE have only leading "
+                            "dense layers)")
         if (cfg.n_shared_experts * cfg.shared_expert_size) % cfg.expert_size:
             problems.append("a shared expert width that is not a multiple of the expert size")
     if problems:
@@ -60,13 +62,16 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None):
         config_class = Qwen3Config if cfg.qk_norm else LlamaConfig
         return config_class(intermediate_size=cfg.ffn_size, **common)
     shared = cfg.n_shared_experts * cfg.shared_expert_size
-    return Dots1Config(
+    moe = dict(
         intermediate_size=cfg.ffn_size or cfg.expert_size, moe_intermediate_size=cfg.expert_size,
         n_routed_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.top_k,
         # No shared expert is written as one all-zero shared expert: it adds exactly nothing.
         n_shared_experts=max(1, shared // cfg.expert_size), n_group=1, topk_group=1, first_k_dense_replace=0,
-        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
-        sliding_window=None, layer_types=["full_attention"] * cfg.n_layers, **common)
+        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor, **common)
+    if not cfg.qk_norm:
+        moe["rope_parameters"] = {**moe["rope_parameters"], "partial_rotary_factor": 1.0}
+        return Glm4MoeConfig(use_qk_norm=False, partial_rotary_factor=1.0, num_nextn_predict_layers=0, **moe)
+    return Dots1Config(sliding_window=None, layer_types=["full_attention"] * cfg.n_layers, **moe)
 
 
 def _rope_parameters(cfg: ModelConfig) -> dict:
@@ -156,7 +161,8 @@ def export_hf(source: str | Path | LoadedModel, directory: str | Path, force: bo
 
 
 def import_hf(directory: str | Path) -> LoadedModel:
-    """Load a directory written by `export_hf` (a Dots1, Qwen3 or Llama model in our shape) into our model."""
+    """Load a directory written by `export_hf` (a Dots1, GLM-4 MoE, Qwen3 or Llama model in our shape) into our
+    model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -192,9 +198,9 @@ def _hf_read(directory: Path, read, *args, **kwargs):
 
 def _our_config(hf_cfg, directory: Path) -> ModelConfig:
     kind = hf_cfg.model_type
-    if kind not in ("dots1", "qwen3", "llama"):
-        raise MobileMoEError(f"{directory}: model_type '{kind}' is not one MobileMoE exports (dots1, qwen3, llama); "
-                             "for a released facebook/MobileMoE-* directory use `mobilemoe import released`")
+    if kind not in ("dots1", "glm4_moe", "qwen3", "llama"):
+        raise MobileMoEError(f"{directory}: model_type '{kind}' is not one MobileMoE exports (dots1, glm4_moe, qwen3, "
+                             "llama); for a released facebook/MobileMoE-* directory use `mobilemoe import released`")
     rope = hf_cfg.rope_parameters
     scaling = None if rope.get("rope_type", "default") == "default" else RopeScaling(
         factor=rope["factor"], low_freq_factor=rope["low_freq_factor"], high_freq_factor=rope["high_freq_factor"],
@@ -203,13 +209,15 @@ def _our_config(hf_cfg, directory: Path) -> ModelConfig:
                   d_model=hf_cfg.hidden_size, n_heads=hf_cfg.num_attention_heads,
                   n_kv_heads=hf_cfg.num_key_value_heads,
                   head_dim=getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads,
-                  max_seq_len=hf_cfg.max_position_embeddings, norm_eps=hf_cfg.rms_norm_eps, qk_norm=kind != "llama",
+                  max_seq_len=hf_cfg.max_position_embeddings, norm_eps=hf_cfg.rms_norm_eps,
+                  qk_norm=hf_cfg.use_qk_norm if kind == "glm4_moe" else kind != "llama",
                   rope_theta=rope["rope_theta"], rope_scaling=scaling)
-    if kind != "dots1":
+    if kind not in ("dots1", "glm4_moe"):
         return ModelConfig(ffn_size=hf_cfg.intermediate_size, **fields).validate()
-    if hf_cfg.first_k_dense_replace or hf_cfg.n_group != 1 or hf_cfg.topk_group != 1:
-        raise MobileMoEError(f"{directory}: a Dots1 model with dense layers or group-limited routing is not in our "
-                             "model family")
+    if hf_cfg.first_k_dense_replace or hf_cfg.n_group != 1 or hf_cfg.topk_group != 1 or kind == "glm4_moe" and (
+            hf_cfg.attention_bias or rope.get("partial_rotary_factor", 1.0) != 1.0):
+        raise MobileMoEError(f"{directory}: a {kind} model with dense layers, group-limited routing, attention biases "
+                             "or partial RoPE is not in our model family")
     return ModelConfig(n_routed_experts=hf_cfg.n_routed_experts, expert_size=hf_cfg.moe_intermediate_size,
                        top_k=hf_cfg.num_experts_per_tok, n_shared_experts=1,
                        shared_expert_size=hf_cfg.n_shared_experts * hf_cfg.moe_intermediate_size,
