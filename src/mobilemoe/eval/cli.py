@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mobilemoe.argtypes import positive_int
 from mobilemoe.errors import MobileMoEError
+from mobilemoe.io import atomic_write_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -115,5 +116,5 @@ def _compare(args: argparse.Namespace) -> None:
     console.print(table, markup=False)
     out = Path(args.out) if args.out else Path("eval_results") / "compare"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(table + "\n")
+    atomic_write_text(out / "compare.md", table + "\n")
     console.print(f"wrote {out / 'compare.md'} and {plot_comparison(results, out / 'compare.png')}")

@@ -10,7 +10,6 @@ real token sequences. All models stay loaded and take turns in every measurement
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from mobilemoe.infer.engine import (
     load_int4_model,
     random_int4_tensors,
 )
+from mobilemoe.io import atomic_write_json
 from mobilemoe.model import Transformer, build_on_meta, count_parameters
 from mobilemoe.quantize import INT4_BYTES_PER_PARAM, weight_bytes
 from mobilemoe.ui import console, human_bytes, human_count
@@ -149,7 +149,7 @@ def run_bench(presets: list[str], prompt_lens: list[int], contexts: list[int], d
     report = {"threads": threads, "compiled_decode": compile, "copy_bandwidth_bytes_s": bandwidth,
               "models": [asdict(r) for r in results]}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "bench.json", report)
     print_table(results, bandwidth)
     plot(results, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
