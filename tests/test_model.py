@@ -38,6 +38,38 @@ def test_grouped_dispatch_matches_reference_forward_and_backward():
     assert grads[0][3][[1, 4]].abs().max() == 0
 
 
+def test_cuda_group_padding_matches_the_packed_groups():
+    """The CUDA layout (each expert's rows start at a multiple of 8, zero rows between), run on CPU in bf16: the
+    same outputs and gradients as the packed groups, dead experts included."""
+    from mobilemoe.moe import grouped_swiglu, grouped_swiglu_padded
+
+    x, experts, _, gate_up, down = _expert_problem(T=29, E=6, k=2)
+    flat = experts.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=6)
+    results = []
+    for padded in (False, True):
+        xs, gu, dn = (t.detach().to(torch.bfloat16).requires_grad_() for t in (x[order // 2], gate_up, down))
+        y = (grouped_swiglu_padded(xs, flat[order], counts, gu, dn) if padded
+             else grouped_swiglu(xs, torch.cumsum(counts, 0, dtype=torch.int32), gu, dn))
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append([y.detach(), xs.grad, gu.grad, dn.grad])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")
+def test_cuda_grouped_dispatch_matches_reference():
+    """On CUDA: bf16 through the padded grouped GEMM vs the fp32 per-expert loop (which fp32 runs use there)."""
+    x, experts, weights, gate_up, down = (t.detach().float().cuda() if t.is_floating_point() else t.cuda()
+                                          for t in _expert_problem(T=300, D=64, I=32, E=8, k=2))
+    want = run_experts_reference(x, experts, weights, gate_up, down)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = run_experts(x, experts, weights, gate_up, down)
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+    torch.testing.assert_close(run_experts(x, experts, weights, gate_up, down), want)  # fp32: the loop itself
+
+
 def test_every_token_reaches_its_experts_no_drops():
     x, experts, weights, gate_up, down = (t.float() if t.is_floating_point() else t
                                           for t in _expert_problem(T=64, E=8, k=3, dead=()))
@@ -177,7 +209,13 @@ def test_expert_bias_moves_toward_balance():
     x = torch.randn(64, 64).abs()
     _, _, load = moe(x)
     assert load[0] == 64
+    moe.load_since_update += load  # what a training forward of the model adds (tested below)
     model.update_expert_bias()
     assert moe.router.expert_bias[0] < 0
     torch.testing.assert_close(moe.router.expert_bias, 1e-3 * torch.sign(load.mean() - load))
     assert moe.load_since_update.sum() == 0
+    tokens = torch.randint(0, 4096, (2, 16))
+    out = model(tokens)
+    torch.testing.assert_close(torch.stack([m.load_since_update for m in model.moe_layers()]), out.expert_load)
+    model.eval()(tokens)
+    torch.testing.assert_close(torch.stack([m.load_since_update for m in model.moe_layers()]), out.expert_load)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,19 +171,112 @@ def test_disk_full_keeps_the_previous_checkpoint(data_recipe, tmp_path, monkeypa
     assert json.loads((kept[0] / "trainer_state.json").read_text())["step"] == 2
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_gloo_processes_match_one_process(data_recipe, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "precision", "rel"), [("ddp", "fp32", 1e-4), ("fsdp", "fp32", 1e-4),
+                                                       ("fsdp", "bf16", 2e-2)])
+def test_two_gloo_processes_match_one_process(data_recipe, tmp_path, mode, precision, rel):
+    """fp32: the same maths. bf16: FSDP2's mixed-precision policy (bf16 parameters and activations throughout,
+    fp32 gradient reduction) vs one process under autocast (fp32 residual stream): bf16 rounding apart."""
     one = _recipe(data_recipe, [_stage("pretrain", "pretrain", {"prose": 1.0}, batch_size=4, steps=3)])
     two = _recipe(data_recipe, [_stage("pretrain", "pretrain", {"prose": 1.0}, batch_size=2, steps=3)])
-    run_recipe(one, tmp_path / "one")
+    run_recipe({**one, "precision": precision}, tmp_path / "one")
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", "29533", "-m", "mobilemoe", "train", str(tmp_path / "two.yaml"),
-                             "--out", str(tmp_path / "two"), "--parallel", mode], env=env, capture_output=True,
-                            text=True)
+                             "--out", str(tmp_path / "two"), "--parallel", mode, "--device", "cpu",
+                             "--precision", precision], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _losses(tmp_path / "two", "pretrain") == pytest.approx(_losses(tmp_path / "one", "pretrain"), rel=1e-4)
+    assert f"training on cpu {precision}" in result.stdout
+    assert _losses(tmp_path / "two", "pretrain") == pytest.approx(_losses(tmp_path / "one", "pretrain"), rel=rel)
+
+
+# --- compute modes (train/runtime.py): each against the fp32 eager run, and resumed within the mode -----------
+# Tolerance on the 4 pretraining losses of micro-moe (about 5.6 here): bf16 rounds every matmul input to 8 bits
+# of mantissa, so its losses sit within 2% of fp32's; activation checkpointing recomputes the same fp32 maths.
+MODES = {
+    "bf16": ({"precision": "bf16"}, 2e-2),
+    "activation_checkpointing": ({"activation_checkpointing": True}, 1e-6),
+    "bf16_compile_checkpointing": ({"precision": "bf16", "compile": True, "activation_checkpointing": True}, 2e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def fp32_eager_run(data_recipe, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fp32") / "run"
+    run_recipe(_mode_recipe(data_recipe, {}), run)
+    return run
+
+
+def _mode_recipe(data_recipe, mode):
+    return {**_recipe(data_recipe, [_stage("pretrain", "pretrain", {"prose": 1.0}, eval_every=4)]), **mode}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "compile" in n else n for n in MODES])
+def test_compute_mode_matches_fp32_and_resumes_exactly(data_recipe, fp32_eager_run, tmp_path, name):
+    mode, rel = MODES[name]
+    recipe = _mode_recipe(data_recipe, mode)
+    run_recipe(recipe, tmp_path / "a")
+    as_run = yaml.safe_load((tmp_path / "a" / "recipe.yaml").read_text())
+    assert as_run["device"] == "auto" and {k: as_run[k] for k in mode} == mode
+    losses = _losses(tmp_path / "a", "pretrain")
+    assert losses == pytest.approx(_losses(fp32_eager_run, "pretrain"), rel=rel)
+    # resume from the step-2 checkpoint of the same run: the same losses and bit-identical final weights
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for done in ("pretrain/final", "pretrain/best", "summary.json"):
+        shutil.rmtree(tmp_path / "b" / done) if (tmp_path / "b" / done).is_dir() else (tmp_path / "b" / done).unlink()
+    run_recipe(recipe, tmp_path / "b", resume=True)
+    assert _losses(tmp_path / "b", "pretrain") == losses
+    a, b = load_model(tmp_path / "a" / "pretrain" / "final"), load_model(tmp_path / "b" / "pretrain" / "final")
+    for (key, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert x.dtype == torch.float32 and torch.equal(x, y), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")
+def test_cuda_bf16_compile_trains_like_cpu_fp32(data_recipe, fp32_eager_run, tmp_path):
+    """CUDA's atomics make its runs reproducible to rounding only, so resume is compared with a tolerance here."""
+    recipe = _mode_recipe(data_recipe, {"device": "cuda", "precision": "bf16", "compile": True})
+    run_recipe(recipe, tmp_path / "a")
+    losses = _losses(tmp_path / "a", "pretrain")
+    assert losses == pytest.approx(_losses(fp32_eager_run, "pretrain"), rel=2e-2)
+    shutil.rmtree(tmp_path / "a" / "pretrain" / "final")
+    (tmp_path / "a" / "summary.json").unlink()
+    run_recipe(recipe, tmp_path / "a", resume=True)
+    assert _losses(tmp_path / "a", "pretrain") == pytest.approx(losses, rel=1e-3)
+
+
+def test_fused_adamw_is_the_optimizer_and_agrees_with_foreach():
+    from mobilemoe.train.runtime import build_optimizer
+
+    torch.manual_seed(0)
+    fused_model = Transformer(get_preset("micro-moe"))
+    foreach_model = Transformer(get_preset("micro-moe"))
+    foreach_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, 1e-3, (0.9, 0.95), 0.1)
+    assert all(group["fused"] for group in fused.param_groups)
+    foreach = torch.optim.AdamW([{"params": [p for p in foreach_model.parameters() if p.dim() >= 2]},
+                                 {"params": [p for p in foreach_model.parameters() if p.dim() < 2],
+                                  "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    tokens = torch.randint(0, 4096, (2, 17))
+    for model, optimizer in ((fused_model, fused), (foreach_model, foreach)):
+        for _ in range(2):
+            model(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (key, x), y in zip(fused_model.state_dict().items(), foreach_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_device_and_precision_are_checked(data_recipe):
+    from mobilemoe.errors import ConfigError
+    from mobilemoe.train.recipe import parse_recipe
+    from mobilemoe.train.runtime import resolve_device
+
+    with pytest.raises(ConfigError, match="field 'precision' must be one of fp32, bf16, got 'fp16'"):
+        parse_recipe(_mode_recipe(data_recipe, {"precision": "fp16"}))
+    if not torch.cuda.is_available():
+        with pytest.raises(MobileMoEError, match="sees no CUDA GPU; train with --device cpu"):
+            resolve_device("cuda")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_cli_reports_bad_recipe_without_traceback(tmp_path):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,7 @@ from mobilemoe.train.flops import device_peak, flops_per_token, peak_memory_mb, 
 from mobilemoe.train.recipe import load_recipe, parse_recipe
 
 RECIPES = Path(__file__).parents[1] / "recipes"
+BENCH = Path(__file__).parents[1] / "bench"
 
 
 def test_flops_per_token_matches_a_hand_count():
@@ -69,3 +75,19 @@ def test_training_a_hub_recipe_is_refused_clearly(tmp_path, capsys):
 
 def test_peak_memory_is_the_resident_high_water_mark():
     assert peak_memory_mb() > 10  # this Python process with torch loaded holds well over 10 MiB
+
+
+def test_gpu_train_bench_runs_two_fsdp_processes_on_cpu(tmp_path):
+    """bench/gpu_train.py's code path (FSDP2 bf16 mixed precision, fused AdamW, MFU, peak memory) at micro size on
+    CPU under torchrun; on a GPU machine the same script trains full-size MobileMoE-S."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29541", str(BENCH / "gpu_train.py"), "--preset", "micro-moe",
+                             "--device", "cpu", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "0",
+                             "--no-compile", "--json", str(tmp_path / "result.json")], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu bf16 (FSDP2 mixed precision)" in result.stdout and "MFU" in result.stdout
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["processes"] == 2 and r["timed_steps"] == 2 and r["tokens_per_s"] > 0
+    assert 0 < r["mfu"] < 1 and r["peak_memory_mb"] > 0 and math.isfinite(r["last_loss"])

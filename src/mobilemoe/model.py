@@ -137,8 +137,6 @@ class MoE(nn.Module):
         y = self.dispatch(x, r.experts, r.weights, self.gate_up_proj, self.down_proj)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
-        if self.training:
-            self.load_since_update += r.load
         return y.view(shape), r.aux_loss, r.load
 
     @torch.no_grad()
@@ -213,6 +211,9 @@ class Transformer(nn.Module):
             x, aux, load = block(x, cos.to(x.dtype), sin.to(x.dtype), mask, input_pos)
             if load is not None:
                 aux_loss, loads = aux_loss + aux, [*loads, load]
+        if self.training:  # here, not in MoE.forward: a block recomputed for activation checkpointing counts once
+            for moe, load in zip(self.moe_layers(), loads, strict=True):
+                moe.load_since_update += load.detach()
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         out = ModelOutput(logits, expert_load=torch.stack(loads) if loads else None)

@@ -6,6 +6,13 @@ assignments by expert so each expert's tokens are one contiguous block, then run
 grouped matmul (`torch._grouped_mm`) - no capacity factor, nothing dropped. `run_experts_reference`
 is the obvious per-expert loop the tests and benchmarks compare against.
 
+Precision and devices: `torch._grouped_mm` is not on autocast's lists, so under autocast the experts are cast
+to autocast's dtype here, as a linear would be. On CUDA the kernel takes bf16 only and wants every group to
+start 16 bytes apart along the token dimension (torchtitan pads the same way): each expert's block is padded
+with zero rows to a multiple of 8 tokens. An fp32 run on CUDA falls back to the per-expert loop. On CPU the
+kernel runs fp32 and bf16 unpadded; torch.compile's meta kernel admits bf16 only, so an fp32 grouped matmul
+stays outside the compiled graph.
+
 Expert weights are stacked like transformers' fused experts: gate_up [E, 2I, D] (gate rows first),
 down [E, D, I].
 """
@@ -92,32 +99,78 @@ def run_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, do
     """
     if quantize_activation is not None:
         x = quantize_activation(x)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if x.is_cuda and dtype != torch.bfloat16:
+        return run_experts_reference(x, experts, weights, gate_up, down, quantize_activation)
     n_tokens, top_k = experts.shape
     flat_experts = experts.flatten()
     order = torch.argsort(flat_experts, stable=True)
     token_of_slot = order // top_k
-    counts = torch.bincount(flat_experts, minlength=gate_up.shape[0])
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    # scatter_add rather than bincount: a static output shape, so torch.compile keeps the dispatch in one graph
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(
+        0, flat_experts, torch.ones_like(flat_experts))
+    sorted_x = x[token_of_slot].to(dtype)
+    gate_up, down = gate_up.to(dtype), down.to(dtype)
+    if x.is_cuda:
+        out = grouped_swiglu_padded(sorted_x, flat_experts[order], counts, gate_up, down, quantize_activation)
+    else:
+        out = grouped_swiglu(sorted_x, torch.cumsum(counts, 0, dtype=torch.int32), gate_up, down, quantize_activation)
+    out = out.to(x.dtype) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of_slot, out)
 
-    sorted_x = x[token_of_slot]
-    hidden = torch._grouped_mm(sorted_x, gate_up.transpose(-2, -1), offs=offsets)
+
+def grouped_swiglu(x: Tensor, offsets: Tensor, gate_up: Tensor, down: Tensor,
+                   quantize_activation: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """SwiGLU of expert e over rows offsets[e-1]:offsets[e] of x [S, D] (rows after offsets[-1] are ignored)."""
+    hidden = _grouped_mm(x, gate_up.transpose(-2, -1), offsets)
     gate, up = hidden.chunk(2, dim=-1)
     hidden = F.silu(gate) * up
     if quantize_activation is not None:
         hidden = quantize_activation(hidden)
-    out = torch._grouped_mm(hidden, down.transpose(-2, -1), offs=offsets)
-    out = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of_slot, out)
+    return _grouped_mm(hidden, down.transpose(-2, -1), offsets)
 
 
-def run_experts_reference(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    """Plain per-expert loop with the same maths as `run_experts`; for tests and benchmarks only."""
+GROUP_ALIGN_ROWS = 8  # 16 bytes of bf16: where CUDA's grouped GEMM wants each group to start
+
+
+def grouped_swiglu_padded(x: Tensor, expert_of_row: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor,
+                          quantize_activation: Callable[[Tensor], Tensor] | None = None,
+                          align: int = GROUP_ALIGN_ROWS) -> Tensor:
+    """`grouped_swiglu` with each expert's rows moved to start at a multiple of `align` (zero rows between, which
+    add nothing to any gradient). The buffer has a size fixed by the shapes, so no value is read on the host."""
+    n_experts = counts.shape[0]
+    padded = (counts + align - 1) // align * align
+    padded_end = torch.cumsum(padded, 0)
+    shift = (padded_end - padded) - (torch.cumsum(counts, 0) - counts)  # padded start - packed start, per expert
+    destination = torch.arange(x.shape[0], device=x.device) + shift[expert_of_row]
+    rows = -(-(x.shape[0] + n_experts * (align - 1)) // align) * align
+    buffer = x.new_zeros(rows, x.shape[1]).index_copy(0, destination, x)
+    out = grouped_swiglu(buffer, padded_end.to(torch.int32), gate_up, down, quantize_activation)
+    return out[destination]
+
+
+@torch.compiler.disable
+def _grouped_mm_eager(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    return torch._grouped_mm(a, b, offs=offsets)
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    if a.dtype == torch.bfloat16:
+        return torch._grouped_mm(a, b, offs=offsets)
+    return _grouped_mm_eager(a, b, offsets)  # fp32: eager only (see the module docstring)
+
+
+def run_experts_reference(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, down: Tensor,
+                          quantize_activation: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Plain per-expert loop with the same maths as `run_experts`: the tests' and benchmarks' reference, and the
+    fp32 path on CUDA (whose grouped GEMM is bf16 only)."""
     out = torch.zeros_like(x)
     for e in range(gate_up.shape[0]):
         token, slot = torch.nonzero(experts == e, as_tuple=True)
         if token.numel() == 0:
             continue
         gate, up = F.linear(x[token], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[e])
+        hidden = F.silu(gate) * up
+        y = F.linear(hidden if quantize_activation is None else quantize_activation(hidden), down[e])
         out = out.index_add(0, token, y * weights[token, slot].unsqueeze(-1).to(y.dtype))
     return out

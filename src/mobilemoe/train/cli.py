@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 
@@ -10,6 +11,9 @@ def _train(args: argparse.Namespace) -> None:
     from mobilemoe.train import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
+    overrides = {key: getattr(args, key) for key in ("device", "precision", "compile", "activation_checkpointing")
+                 if getattr(args, key) is not None}
+    recipe = dataclasses.replace(recipe, **overrides)
     if args.dry_run:
         return _dry_run(recipe, args)
     if args.init_from:
@@ -77,6 +81,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "recipe's model and its first stage's init_from)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="data parallelism under torchrun (default ddp)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: the recipe's "
+                   "`device`, else auto: cuda when torch sees a GPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32, or bf16 compute with fp32 master weights "
+                   "and optimizer state (default: the recipe's `precision`, else fp32)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each transformer block "
+                   "(default: the recipe's `compile`, else off)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute each "
+                   "block's activations in backward: less memory, ~1/3 more compute (default: the recipe's, else off)")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, build the model on meta and print "
                    "each stage's steps, tokens, FLOPs and GPU-hours; opens no data, trains nothing")
     p.add_argument("--mfu", type=float, default=0.35, help="--dry-run: model FLOPs utilization assumed (default 0.35)")

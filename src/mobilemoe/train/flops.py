@@ -49,6 +49,23 @@ def device_peak(name: str) -> DevicePeak:
     return DevicePeak(name=name, bf16_tflops=float(entry["bf16_tflops"]), fp32_tflops=float(entry["fp32_tflops"]))
 
 
+# CUDA device names (torch.cuda.get_device_name) -> profile; the first listed substring that matches wins.
+GPU_PROFILES = {"H200": "h200", "H100": "h100", "A100": "a100"}
+
+
+def peak_flop_s(device: torch.device, precision: str) -> float | None:
+    """The dense peak FLOP/s of `device` in `precision` (fp32 or bf16), or None for a GPU with no profile."""
+    if device.type == "cpu":
+        name = "this-cpu"
+    else:
+        gpu = torch.cuda.get_device_name(device)
+        name = next((profile for key, profile in GPU_PROFILES.items() if key in gpu), None)
+        if name is None:
+            return None
+    peak = device_peak(name)
+    return (peak.bf16_tflops if precision == "bf16" else peak.fp32_tflops) * 1e12
+
+
 def peak_memory_mb() -> float:
     """High-water mark of this process: GPU memory allocated by torch when CUDA is in use, else resident memory."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():

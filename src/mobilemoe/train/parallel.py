@@ -39,20 +39,24 @@ class World:
         return self.size > 1
 
 
-def init_world() -> World:
-    """Join the process group torchrun describes; a plain `python` launch is a world of one."""
+def init_world(device: torch.device | None = None) -> World:
+    """Join the process group torchrun describes (nccl for CUDA, gloo for CPU); a plain `python` launch is a
+    world of one."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
+    cuda = device is not None and device.type == "cuda"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    # Share the CPU cores between the processes on this node instead of oversubscribing them.
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if not cuda:  # share the CPU cores between the processes on this node instead of oversubscribing them
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return World(dist.get_rank(), dist.get_world_size())
 
 
-def wrap_model(model: nn.Module, world: World, mode: str) -> nn.Module:
+def wrap_model(model: nn.Module, world: World, mode: str, bf16: bool = False) -> nn.Module:
+    """DDP, or FSDP2 per block then the root (torchtitan's layout). `bf16` under FSDP2: the mixed-precision
+    policy gathers bf16 parameters for compute and reduce-scatters gradients in fp32 into the fp32 shards."""
     if not world.distributed:
         return model
     if mode == "ddp":
@@ -60,11 +64,12 @@ def wrap_model(model: nn.Module, world: World, mode: str) -> nn.Module:
         # DDP's buffer broadcast would overwrite each rank's own expert-load counts.
         return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         for block in model.layers:
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
     raise MobileMoEError(f"unknown --parallel mode '{mode}': use ddp or fsdp")
 
 

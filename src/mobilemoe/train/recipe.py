@@ -6,6 +6,10 @@
     data: recipes/data/embedded.yaml     # a data recipe; prepared (and cached) on first use
     # or, instead of `data`, Hugging Face `datasets` names per mixture source (the paper's recipes):
     # hub_data: {fineweb_edu: HuggingFaceFW/fineweb-edu, finemath: HuggingFaceTB/finemath:finemath-3plus}
+    device: auto                         # auto | cpu | cuda; and how to compute there (train/runtime.py):
+    precision: fp32                      # fp32 | bf16 (fp32 master weights and optimizer state)
+    compile: false                       # torch.compile each block
+    activation_checkpointing: false      # recompute each block's activations in backward
     stages:
       - {name: pretrain, kind: pretrain, mixture: {prose: 1.0}, steps: 300, lr: 3e-3, ...}
       - {name: sft, kind: sft, mixture: {chat: 1.0}, steps: 100, lr: 3e-4, schedule: cosine}
@@ -23,6 +27,7 @@ from typing import Any, Literal
 from mobilemoe.config import ModelConfig, from_dict, resolve_model_config
 from mobilemoe.errors import ConfigError
 from mobilemoe.io import read_mapping
+from mobilemoe.train.runtime import Device, Precision
 
 STAGE_KINDS = ("pretrain", "midtrain", "sft", "qat")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
@@ -83,6 +88,10 @@ class Recipe:
     data: str | None = None  # a data recipe (local files, prepared by `mobilemoe data`)
     hub_data: dict[str, str] = field(default_factory=dict)  # mixture source -> hub dataset (owner/name[:config])
     seed: int = 1234
+    device: Device = "auto"
+    precision: Precision = "fp32"
+    compile: bool = False
+    activation_checkpointing: bool = False
     # Where the recipe file lives (relative data paths resolve against it); set by `load_recipe`, not a key.
     base_dir: Path = field(default=Path("."), metadata={"internal": True})
 

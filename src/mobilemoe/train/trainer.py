@@ -36,8 +36,9 @@ from mobilemoe.io import atomic_dir, atomic_write_text, claim_dir, mark_dir
 from mobilemoe.model import Transformer, count_parameters
 from mobilemoe.quantize import prepare_qat
 from mobilemoe.train import parallel
-from mobilemoe.train.flops import device_peak, flops_per_token, peak_memory_mb
+from mobilemoe.train.flops import flops_per_token, peak_flop_s, peak_memory_mb
 from mobilemoe.train.recipe import Recipe, StageConfig, as_recipe
+from mobilemoe.train.runtime import Runtime, build_optimizer, prepare_model, resolve_device
 from mobilemoe.ui import console, progress
 
 
@@ -77,8 +78,9 @@ class StageTrainer:
     """Trains one stage; `run()` resumes from the stage's latest checkpoint when asked to."""
 
     def __init__(self, recipe: Recipe, stage: StageConfig, stage_index: int, out: Path, data: Any,
-                 init_dir: Path | None, world: parallel.World, parallel_mode: str):
+                 init_dir: Path | None, world: parallel.World, parallel_mode: str, runtime: Runtime):
         self.recipe, self.stage, self.out, self.data, self.world = recipe, stage, out, data, world
+        self.runtime = runtime
         self.dir = out / stage.name
         self.cfg: ModelConfig = recipe.model_config()
         self.tokenizer = data.tokenizer
@@ -93,12 +95,9 @@ class StageTrainer:
             prepare_qat(model)
         self.raw_model = model
         self.count = count_parameters(model)
-        self.model = parallel.wrap_model(model, world, parallel_mode)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=stage.lr, betas=(stage.beta1, stage.beta2))
+        self.model = parallel.wrap_model(prepare_model(model, runtime), world, parallel_mode,
+                                         bf16=runtime.precision == "bf16")
+        self.optimizer = build_optimizer(self.model, stage.lr, (stage.beta1, stage.beta2), stage.weight_decay)
         from mobilemoe.data import PackedBatches
 
         sources = [(data.shard_dir(name, "train"), weight) for name, weight in self._mixture()]
@@ -106,9 +105,10 @@ class StageTrainer:
         self.batches = PackedBatches(sources, seq_len=stage.seq_len, batch_size=stage.batch_size,
                                      seed=data_seed, rank=world.rank, world_size=world.size)
         self.tokens_per_step = stage.batch_size * stage.seq_len * stage.grad_accum * world.size
-        # MFU of fp32 training on this CPU, against the matmul peak measured here (train/device_peaks.yaml)
+        # MFU against the device's peak in the run's precision (train/device_peaks.yaml; None: a GPU not listed)
         self.model_flops_per_token = flops_per_token(self.cfg, stage.seq_len)
-        self.peak_flop_s = device_peak("this-cpu").fp32_tflops * 1e12 * world.size
+        peak = peak_flop_s(runtime.device, runtime.precision)
+        self.peak_flop_s = None if peak is None else peak * world.size
         self.step, self.best_val = 0, math.inf
 
     def _mixture(self) -> list[tuple[str, float]]:
@@ -205,8 +205,9 @@ class StageTrainer:
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self) -> float:
         self.model.eval()
-        loss = heldout_loss(self.model, self.data, self._mixture(), self.stage.seq_len, self.stage.batch_size,
-                            self.stage.eval_batches)
+        with self.runtime.autocast():
+            loss = heldout_loss(self.model, self.data, self._mixture(), self.stage.seq_len, self.stage.batch_size,
+                                self.stage.eval_batches)
         self.model.train()
         return loss
 
@@ -235,8 +236,9 @@ class StageTrainer:
                 loss_sum, load = 0.0, None
                 step_started = time.perf_counter()
                 for micro in range(s.grad_accum):
-                    inputs, targets = next(self.batches)
-                    out = self.model(inputs, targets)
+                    inputs, targets = (t.to(self.runtime.device, non_blocking=True) for t in next(self.batches))
+                    with self.runtime.autocast():
+                        out = self.model(inputs, targets)
                     (out.loss / s.grad_accum).backward()
                     loss_sum += out.lm_loss.item() / s.grad_accum
                     if out.expert_load is not None:
@@ -258,8 +260,9 @@ class StageTrainer:
                 tok_s = self.tokens_per_step / (time.perf_counter() - step_started)
                 record: dict[str, Any] = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss,
                                           "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                                          "mfu": tok_s * self.model_flops_per_token / self.peak_flop_s,
                                           "peak_memory_mb": peak_memory_mb()}
+                if self.peak_flop_s is not None:
+                    record["mfu"] = tok_s * self.model_flops_per_token / self.peak_flop_s
                 if load is not None:
                     load = parallel.all_reduce_sum(load.clone(), world)
                     record["expert_load"] = (load / load.sum(-1, keepdim=True)).tolist()
@@ -280,7 +283,8 @@ class StageTrainer:
                     metrics.write(json.dumps(record, allow_nan=False) + "\n")
                     metrics.flush()
                     _log_tensorboard(writer, s.name, record)
-                info = f"loss {loss:.3f}  lr {lr:.1e}  {tok_s:,.0f} tok/s  MFU {record['mfu']:.1%}" + (
+                info = f"loss {loss:.3f}  lr {lr:.1e}  {tok_s:,.0f} tok/s" + (
+                    f"  MFU {record['mfu']:.1%}" if "mfu" in record else "") + (
                     f"  val {val_loss:.3f}" if math.isfinite(val_loss) else "")
                 bar.update(task, completed=self.step, info=info)
                 if self.step % s.checkpoint_every == 0 and self.step < s.steps:
@@ -349,8 +353,9 @@ def heldout_loss(model: torch.nn.Module, data: Any, mixture: list[tuple[str, flo
     from mobilemoe.data.loader import IGNORE_INDEX
 
     total, weights = 0.0, 0.0
+    device = next(model.parameters()).device
     for name, weight in mixture:
-        losses = [model(x, y).lm_loss.item()
+        losses = [model(x.to(device), y.to(device)).lm_loss.item()
                   for x, y in iter_eval_batches(data.shard_dir(name, "val"), seq_len, batch_size, max_batches)
                   if (y != IGNORE_INDEX).any()]  # a batch without targets has no loss (NaN)
         if losses:
@@ -421,7 +426,12 @@ def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: s
     """
     recipe = as_recipe(recipe)
     out = Path(out_dir)
-    world = parallel.init_world()
+    device = resolve_device(recipe.device)
+    world = parallel.init_world(device)
+    runtime = Runtime(device, recipe.precision, recipe.compile, recipe.activation_checkpointing,
+                      fsdp_mixed_precision=recipe.precision == "bf16" and parallel_mode == "fsdp" and world.distributed)
+    if world.is_main:
+        console.print(f"training on {runtime.describe()}")
     from mobilemoe.data import prepare
 
     selected = [recipe.stage(stage)] if stage else recipe.stages  # an unknown --stage fails before any work
@@ -450,7 +460,7 @@ def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: s
                 console.print(f"[bold]{s.name}[/]: done already ({final}); skipping")
             continue
         init = _stage_input(recipe, index, out)
-        result = StageTrainer(recipe, s, index, out, data, init, world, parallel_mode).run(resume)
+        result = StageTrainer(recipe, s, index, out, data, init, world, parallel_mode, runtime).run(resume)
         summary["stages"][s.name] = asdict(result)
         summary.update(asdict(result))
         if world.is_main:
