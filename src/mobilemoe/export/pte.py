@@ -8,14 +8,18 @@ PerGroup(32))`. The router and selection bias stay fp32 (as in our INT4 format).
 group scales in bf16, so `quantized_decoder` rounds them to bf16 as well: the eager module is the .pte's exact
 reference (SmolLM2-135M, first decode step: logits rel. error 3.7e-2 -> 1.6e-5).
 
-Routed experts: torchao quantizes only 2-D weights, and the ExecuTorch runtime executes a narrow set
-of MoE patterns (with ExecuTorch 1.5.1: a masked loop over experts, or top-k then `index_select` of
-stacked expert weights then einsum; sorted dispatch with grouped_mm is rejected by to_edge). We keep the
-stacked experts in our INT4 storage format (packed uint8
-+ fp16 scales, `mobilemoe.quantize.quantize_int4`, so a QAT checkpoint's weights are reproduced
-exactly), and per token gather only the top-k experts with `index_select`, unpack and scale them, and
-apply them with `einsum` — only the selected experts are read and computed. These matmuls run in
-ExecuTorch's portable kernels (fp32 activations), not XNNPACK.
+Routed experts (MoE layers) run in ExecuTorch's fused MoE op `llama::quantized_moe_ffn` (registered by
+`executorch.extension.llm.custom_ops.custom_ops`): router GEMM, sigmoid (+ selection bias) or softmax top-k,
+weight renormalisation and route scale, and the INT4 g32 SwiGLU experts of the selected experts, in one call.
+Its weights are our INT4 values (the QAT checkpoint's exactly) in torchao's packed layout (`et_moe_pack`);
+the shared expert is an ordinary 8da4w FFN beside it (XNNPACK). The op always renormalises the top-k weights,
+so a router with `norm_topk_prob: false` keeps the previous path, `GatheredInt4Experts`: per token
+`index_select` of the top-k experts' packed INT4 weights, unpack, scale, `einsum` (portable kernels, fp32
+activations). Which kernel computes the experts: built with torchao's kernels
+(`EXECUTORCH_QUANTIZED_MOE_USE_TORCHAO`, an aarch64 build) the op runs torchao's int8-activation x int4 GEMMs;
+the pip x86-64 build of ExecuTorch 1.5.1 has the other branch (its library carries that branch's error strings):
+it dequantizes each selected expert to fp32 on every call and runs an fp32 GEMM, serially over experts. That
+is also what `FusedInt4Experts` computes in eager (same library), with fp32 activations.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import Tensor, nn
 from mobilemoe.checkpoint import LoadedModel
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export import as_loaded
+from mobilemoe.export.et_moe_pack import pack_experts
 from mobilemoe.io import atomic_file
 from mobilemoe.model import MoE, Transformer
 from mobilemoe.quantize import GROUP_SIZE, quantize_int4
@@ -78,15 +83,61 @@ class GatheredInt4Experts(nn.Module):
         return y.reshape(shape)
 
 
+def fused_moe_unsupported(moe: MoE) -> str | None:
+    """Why `llama::quantized_moe_ffn` cannot compute this MoE layer's routed experts, or None if it can."""
+    if not moe.cfg.norm_topk_prob:
+        return "the op always renormalises the top-k routing weights (this router has norm_topk_prob: false)"
+    return None
+
+
+class FusedInt4Experts(nn.Module):
+    """Routing + routed INT4 experts as one `llama::quantized_moe_ffn` call; the shared expert beside it."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers llama::quantized_moe_ffn
+
+        cfg = moe.cfg
+        self.n_experts, self.top_k, self.expert_size, self.score_func = (cfg.n_routed_experts, cfg.top_k,
+                                                                         cfg.expert_size, cfg.router)
+        self.register_buffer("gate_weight", moe.router.weight.detach().float().clone())
+        # The op shifts only sigmoid selection by the bias (our softmax router ignores it) and refuses it with
+        # softmax; an empty tensor means "no bias".
+        sigmoid = cfg.router == "sigmoid"
+        self.register_buffer("expert_bias", moe.router.expert_bias.detach().float().clone() if sigmoid
+                             else torch.empty(0))
+        for name, blob in (("gate_up_proj", "packed_w13"), ("down_proj", "packed_w2")):  # gate rows, then up rows
+            packed, scales = quantize_int4(getattr(moe, name).detach())
+            self.register_buffer(blob, pack_experts(packed, scales))
+        # The op's softmax path (softmax over the top-k logits = our renormalised top-k probabilities) takes no
+        # route scale, so ours multiplies the output.
+        self.route_scale = cfg.routed_scaling_factor if sigmoid else 1.0
+        self.output_scale = 1.0 if sigmoid else cfg.routed_scaling_factor
+        self.shared_expert = copy.deepcopy(moe.shared_expert)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        y = torch.ops.llama.quantized_moe_ffn(x, self.gate_weight, self.expert_bias, self.packed_w13, self.packed_w2,
+                                              self.top_k, self.n_experts, self.expert_size, shape[-1], GROUP_SIZE,
+                                              4, self.score_func, self.route_scale)
+        if self.output_scale != 1.0:
+            y = y * self.output_scale
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)
+        return y.reshape(shape)
+
+
 class DecodeStep(nn.Module):
     """forward(tokens [1, T], input_pos [T]) -> logits [1, T, V] over a static KV cache."""
 
-    def __init__(self, model: Transformer, max_seq_len: int):
+    def __init__(self, model: Transformer, max_seq_len: int, fused_moe: bool = True):
         super().__init__()
         self.model = copy.deepcopy(model).float().eval()
         for block in self.model.layers:
             if isinstance(block.ffn, MoE):
-                block.ffn = GatheredInt4Experts(block.ffn)
+                use_op = fused_moe and fused_moe_unsupported(block.ffn) is None
+                block.ffn = FusedInt4Experts(block.ffn) if use_op else GatheredInt4Experts(block.ffn)
         self.model.setup_cache(1, max_seq_len)
         # A separate output head so it can be quantized as a linear (8da4w) and the embedding as a lookup.
         self.model.lm_head = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
@@ -96,8 +147,11 @@ class DecodeStep(nn.Module):
         return self.model(tokens, input_pos=input_pos).logits
 
 
-def quantized_decoder(source: str | Path | LoadedModel, max_seq_len: int = 256) -> DecodeStep:
-    """The eager module the .pte is exported from: our model, 8da4w linears, INT4 embedding and experts."""
+def quantized_decoder(source: str | Path | LoadedModel, max_seq_len: int = 256, fused_moe: bool = True) -> DecodeStep:
+    """The eager module the .pte is exported from: our model, 8da4w linears, INT4 embedding and experts.
+
+    `fused_moe=False` keeps every MoE layer on the gather + einsum path (the previous .pte, for comparisons).
+    """
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
@@ -108,7 +162,7 @@ def quantized_decoder(source: str | Path | LoadedModel, max_seq_len: int = 256) 
     if cfg.d_model % GROUP_SIZE or (cfg.is_moe and cfg.expert_size % GROUP_SIZE):
         raise MobileMoEError(f"4-bit group-{GROUP_SIZE} weights need d_model and expert_size divisible by "
                              f"{GROUP_SIZE}")
-    step = DecodeStep(loaded.model, max_seq_len).eval()
+    step = DecodeStep(loaded.model, max_seq_len, fused_moe).eval()
     quantize_(step, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE)),
               filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
     quantize_(step, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
@@ -124,20 +178,33 @@ def quantized_decoder(source: str | Path | LoadedModel, max_seq_len: int = 256) 
     return step
 
 
-def export_pte(source: str | Path | LoadedModel, path: str | Path, max_seq_len: int = 256) -> Path:
-    """Write an ExecuTorch program (XNNPACK-delegated, 8da4w) of a checkpoint; see module docstring."""
+def export_pte(source: str | Path | LoadedModel, path: str | Path, max_seq_len: int = 256,
+               fused_moe: bool = True) -> Path:
+    """Write an ExecuTorch program (XNNPACK-delegated, 8da4w, fused MoE op) of a checkpoint; see module docstring."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    step = quantized_decoder(source, max_seq_len)
+    step = quantized_decoder(source, max_seq_len, fused_moe)
     example = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     with torch.no_grad():
         program = torch.export.export(step, example, strict=False)
-    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    # The edge IR verifier rejects llama::quantized_moe_ffn (not a core ATen op); to_executorch still maps it to
+    # its registered out variant, which the runtime runs.
+    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                          compile_config=EdgeCompileConfig(_check_ir_validity=False))
     et_program = lowered.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
     with atomic_file(path) as tmp:
         tmp.write_bytes(et_program.buffer)
     return Path(path)
+
+
+def pte_kernels(path: str | Path) -> tuple[list[str], list[str]]:
+    """What a .pte runs: its non-delegated operators ("llama::quantized_moe_ffn", ...) and its delegate blobs."""
+    from executorch.exir._serialize._program import deserialize_pte_binary  # ExecuTorch's own .pte reader
+
+    program = deserialize_pte_binary(Path(path).read_bytes())
+    plan = getattr(program, "program", program).execution_plan[0]
+    return [op.name for op in plan.operators], [d.id for d in plan.delegates]
 
 
 class PteRunner:
@@ -145,6 +212,7 @@ class PteRunner:
 
     def __init__(self, path: str | Path):
         import executorch.kernels.quantized  # noqa: F401  registers the quantized embedding kernels
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  and llama::quantized_moe_ffn
         from executorch.runtime import Runtime
 
         self.method = Runtime.get().load_program(Path(path)).load_method("forward")
