@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mobilemoe.config import get_preset
+from mobilemoe.config import ModelConfig, get_preset
 from mobilemoe.infer.engine import (
     COMPUTE_DTYPE,
     build_int4_model,
@@ -84,8 +84,8 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
         meta = build_on_meta(cfg)
         count = count_parameters(meta)
         models.append(model)
-        results.append(ModelBench(preset, count.active, count.total, weight_bytes(meta),
-                                  weight_bytes(meta) - _inactive_expert_bytes(meta), _rss()))
+        results.append(ModelBench(preset, count.active, count.total, weight_bytes(meta), active_int4_bytes(cfg),
+                                  _rss()))
     longest = max(prompt_lens + contexts) + rounds * decode_steps + 2
     ids = {id(m): real_text_ids(longest, m.cfg.vocab_size, tokenizers.get(name))
            for m, name in zip(models, presets, strict=True)}
@@ -129,11 +129,13 @@ def _prefill(model: Transformer, ids: list[int], extra: int = 1) -> None:
     model(torch.tensor([ids]), input_pos=torch.arange(len(ids)))
 
 
-def _inactive_expert_bytes(model: Transformer) -> int:
-    total = 0
+def active_int4_bytes(cfg: ModelConfig) -> int:
+    """INT4 weight bytes read per decoded token: every weight but the routed experts a token does not pick."""
+    model = build_on_meta(cfg)
+    total = weight_bytes(model)
     for moe in model.moe_layers():
         per_expert = (moe.gate_up_proj.numel() + moe.down_proj.numel()) // moe.cfg.n_routed_experts
-        total += int((moe.cfg.n_routed_experts - moe.cfg.top_k) * per_expert * INT4_BYTES_PER_PARAM)
+        total -= int((moe.cfg.n_routed_experts - moe.cfg.top_k) * per_expert * INT4_BYTES_PER_PARAM)
     return total
 
 
