@@ -15,7 +15,8 @@ For every thread count and context: prefill of `context` prompt tokens, then dec
 implementations take turns in every round (median of the rounds). Our decode is the C decode step (one call
 per token); the same engine's torch modules (eager, a kernel call per product) are shown too. Decode
 bandwidth use: weight bytes read per token (INT4, active experts only) x tok/s over the copy bandwidth
-measured at the start of the run. --cold-start: each implementation loads the model in a fresh process of its
+(reads + writes of a 512 MB copy) and over the read bandwidth (a 512 MB sum), both measured in the run at
+each thread count. --cold-start: each implementation loads the model in a fresh process of its
 own; time to load, time to first token (load + prefill of 64 tokens + the first token) and the resident
 memory the loading adds (after minus before), after loading and after the first token.
 """
@@ -36,7 +37,7 @@ from mobilemoe.checkpoint import LoadedModel, load_model, save_model
 from mobilemoe.config import resolve_model_config
 from mobilemoe.data.documents import read_embedded
 from mobilemoe.export.gguf import export_gguf
-from mobilemoe.infer.bench import active_int4_bytes, copy_bandwidth, interleaved, real_text_ids
+from mobilemoe.infer.bench import active_int4_bytes, copy_bandwidth, interleaved, read_bandwidth, real_text_ids
 from mobilemoe.infer.engine import COMPUTE_DTYPE, load_int4_model
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import train_bpe
@@ -82,16 +83,15 @@ def main() -> None:
         if args.cold_start:
             results["cold_start"] = {name: _in_fresh_process(impl, path) for name, impl, path in
                                      ((OURS, "engine", Path(tmp) / "int4"), (LLAMA, "llama", gguf))}
-        results["copy_bandwidth_bytes_s"] = copy_bandwidth()
         engine, _ = load_int4_model(Path(tmp) / "int4")
         llms = {t: Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=t, n_threads_batch=t,
                          verbose=False) for t in args.threads}
-        results["runs"] = {}
+        results["runs"], results["bandwidth_bytes_s"] = {}, {}
         for threads in args.threads:
             torch.set_num_threads(threads)
+            results["bandwidth_bytes_s"][threads] = {"copy": copy_bandwidth(), "read": read_bandwidth()}
             for context in args.contexts:
-                results["runs"][f"{threads} threads, context {context}"] = run(engine, llms[threads], ids, context,
-                                                                               args)
+                results["runs"][threads, context] = run(engine, llms[threads], ids, context, args)
         for llm in llms.values():
             llm.close()
     report(results, args)
@@ -200,21 +200,24 @@ def _in_fresh_process(impl: str, path: Path) -> dict:
 def report(results: dict, args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({**vars(args), **results}, indent=2))
-    bandwidth, active = results["copy_bandwidth_bytes_s"], results["active_int4_bytes"]
+    runs = {f"{t} threads, context {c}": r for (t, c), r in results["runs"].items()}
+    (out / "results.json").write_text(json.dumps({**vars(args), **results, "runs": runs}, indent=2))
+    active = results["active_int4_bytes"]
     console.print(f"{args.model}; prefill of `context` tokens, decode at that context, median of {args.rounds} "
-                  f"rounds; copy bandwidth {bandwidth / 1e9:.1f} GB/s, {active / 1e6:.1f} MB of INT4 weights read "
-                  "per decoded token")
+                  f"rounds; {active / 1e6:.1f} MB of INT4 weights read per decoded token; copy / read bandwidth: "
+                  + ", ".join(f"{t} threads {b['copy'] / 1e9:.1f} / {b['read'] / 1e9:.1f} GB/s"
+                              for t, b in results["bandwidth_bytes_s"].items()))
     console.print("| threads, context | implementation | prefill tok/s | vs llama.cpp | decode tok/s | vs llama.cpp "
-                  "| decode bandwidth use |")
+                  "| decode bandwidth use (of copy / of read) |")
     console.print("|---|---|---|---|---|---|---|")
-    for key, r in results["runs"].items():
+    for (threads, context), r in results["runs"].items():
         base_prefill, base_decode = r["prefill_tok_s"][LLAMA], r["decode_tok_s"][LLAMA]
+        bw = results["bandwidth_bytes_s"][threads]
         for name, value in r["decode_tok_s"].items():
             pre = r["prefill_tok_s"].get(name)
             pre_text = f"{pre:.1f} | {pre / base_prefill:.2f}x" if pre else " | "
-            console.print(f"| {key} | {name} | {pre_text} | {value:.1f} | {value / base_decode:.2f}x | "
-                          f"{active * value / bandwidth:.0%} |")
+            console.print(f"| {threads}, {context} | {name} | {pre_text} | {value:.1f} | {value / base_decode:.2f}x | "
+                          f"{active * value / bw['copy']:.0%} / {active * value / bw['read']:.0%} |")
     if "cold_start" in results:
         console.print("| cold start (own process) | load s | time to first token s | RSS added by load | "
                       "RSS added at first token |")

@@ -190,7 +190,7 @@ class Int4Transformer(Transformer):
             return self._program[1]
         cfg = self.cfg
         if (cache is None or cache.k.dtype != torch.float32 or cache.k.shape[0] != 1 or cfg.d_model % 16
-                or cfg.n_routed_experts > 1024):
+                or cfg.n_routed_experts > 1024 or cfg.head_dim > 256):
             return None
         layers = (_DecodeLayer * cfg.n_layers)()
         for block, layer in zip(self.layers, layers, strict=True):

@@ -497,32 +497,43 @@ static void rope(float *x, const float *cs, const float *sn, int hd) {
     }
 }
 
-/* a dot product in 16 partial sums, so the compiler vectorizes it (a plain float sum must keep its order) */
-static inline float dot16(const float *a, const float *b, int n) {
-    float part[16] = {0}, dot = 0.0f;
+/* a dot product in 16 partial sums added up as a tree, so the compiler vectorizes it (a plain float sum
+ * must keep its order) */
+static inline __attribute__((always_inline)) float dot16(const float *a, const float *b, const int n) {
+    float part[16] = {0};
     int d0 = 0;
     for (; d0 + 16 <= n; d0 += 16)
         for (int l = 0; l < 16; l++) part[l] += a[d0 + l] * b[d0 + l];
-    for (int l = 0; l < 16; l++) dot += part[l];
+    for (int w = 8; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) part[l] += part[l + w];
+    float dot = part[0];
     for (; d0 < n; d0++) dot += a[d0] * b[d0];
     return dot;
 }
 
-/* one query head over positions 0..len-1 of its kv head */
-static void attend_head(const float *qh, const float *kh, const float *vh, int hd, int len, float scale, float *p,
-                        float *o) {
-    float top = -INFINITY, sum = 0.0f;
+/* one query head over positions 0..len-1 of its kv head; the output accumulates in a local array, which
+ * stays in registers when hd is a constant (attend_head dispatches hd = 64) */
+static inline __attribute__((always_inline)) void attend_head_n(const float *qh, const float *kh, const float *vh,
+                                                                const int hd, int len, float scale, float *p,
+                                                                float *o) {
+    float top = -INFINITY, sum = 0.0f, acc[256] = {0};
     for (int j = 0; j < len; j++) {
-        const float *k = kh + (size_t)j * hd;
-        p[j] = dot16(qh, k, hd) * scale;
+        p[j] = dot16(qh, kh + (size_t)j * hd, hd) * scale;
         top = p[j] > top ? p[j] : top;
     }
     for (int j = 0; j < len; j++) sum += (p[j] = expf(p[j] - top));
-    for (int d = 0; d < hd; d++) o[d] = 0.0f;
+    const float inv = 1.0f / sum;
     for (int j = 0; j < len; j++) {
-        const float w = p[j] / sum;
-        for (int d = 0; d < hd; d++) o[d] += w * vh[(size_t)j * hd + d];
+        const float w = p[j] * inv;
+        for (int d = 0; d < hd; d++) acc[d] += w * vh[(size_t)j * hd + d];
     }
+    for (int d = 0; d < hd; d++) o[d] = acc[d];
+}
+
+static void attend_head(const float *qh, const float *kh, const float *vh, int hd, int len, float scale, float *p,
+                        float *o) {
+    if (hd == 64) attend_head_n(qh, kh, vh, 64, len, scale, p, o);
+    else attend_head_n(qh, kh, vh, hd, len, scale, p, o);
 }
 
 static void embed_row(const Mat *m, int token, float *out) {
