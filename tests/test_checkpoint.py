@@ -73,3 +73,54 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     (tmp_path / "c" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(MobileMoEError, match="corrupt"):
         load_model(tmp_path / "c")
+
+
+def test_int4_scheme_8bit_head_and_hqq(tmp_path):
+    """PTQ options: an 8-bit embedding/head (int8 rows) and HQQ scales. The checkpoint, the in-memory PTQ of
+    eval --int4 and the engine all compute the same head; HQQ rounds with less error than round to nearest."""
+    from mobilemoe.checkpoint import model_tensors, stored_embedding_bits
+    from mobilemoe.eval.runner import quantize_weights_int4
+    from mobilemoe.infer.engine import Int8Head, build_int4_model
+    from mobilemoe.quantize import Int4Scheme
+
+    torch.manual_seed(0)
+    model = Transformer(get_preset("micro-moe")).eval()
+    scheme = Int4Scheme(embedding_bits=8, rounding="hqq")
+    save_model(tmp_path / "q", model, int4=True, scheme=scheme)
+    assert stored_embedding_bits(tmp_path / "q") == 8 and stored_embedding_bits(tmp_path / "q") != 4
+    loaded = load_model(tmp_path / "q")
+    in_memory = Transformer(model.cfg).eval()
+    in_memory.load_state_dict(model.state_dict())
+    quantize_weights_int4(in_memory, scheme)
+    for (k, a), (_, b) in zip(loaded.model.state_dict().items(), in_memory.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    w = model.embed.weight.detach()
+    assert (loaded.model.embed.weight - w).abs().max() <= w.abs().max(-1).values.max() / 127  # 8-bit, not 4
+    gate_up = model.layers[1].ffn.gate_up_proj.detach()
+    error = {r: (dequantize_int4(*quantize_int4(gate_up, rounding=r)) - gate_up).pow(2).mean() for r in ("rtn", "hqq")}
+    assert error["hqq"] < error["rtn"]
+
+    engine = build_int4_model(model.cfg, model_tensors(model, True, scheme))
+    assert isinstance(engine.lm_head, Int8Head) and engine.embed.head is engine.lm_head  # tied: one table
+    tokens = torch.tensor([[1, 5, 9, 200]])
+    assert torch.equal(engine.embed(tokens), loaded.model.embed(tokens))
+    x = torch.randn(3, model.cfg.d_model)
+    torch.testing.assert_close(engine.lm_head(x), x @ loaded.model.embed.weight.T, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_q4_0_follows_an_8bit_embedding(tmp_path):
+    import gguf
+
+    from mobilemoe.export.gguf import export_gguf
+    from mobilemoe.quantize import Int4Scheme
+
+    torch.manual_seed(0)
+    tok = train_bpe(["hello world, the quick brown fox"] * 20, vocab_size=300)
+    model = Transformer(get_preset("micro-moe"))
+    types = {}
+    for bits in (4, 8):
+        save_model(tmp_path / f"e{bits}", model, tok, int4=True, scheme=Int4Scheme(embedding_bits=bits))
+        reader = gguf.GGUFReader(export_gguf(tmp_path / f"e{bits}", tmp_path / f"e{bits}.gguf", "q4_0"))
+        types[bits] = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types[4]["token_embd.weight"] == "Q4_0" and types[8]["token_embd.weight"] == "Q8_0"
+    assert types[8]["blk.0.attn_q.weight"] == "Q4_0"

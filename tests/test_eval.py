@@ -128,6 +128,19 @@ def test_evaluate_float_and_int4_tables_and_compare(checkpoint, tmp_path, monkey
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0 and (tmp_path / "cmp" / "compare.md").exists()
 
 
+def test_evaluate_resumes_finished_tasks(checkpoint, tmp_path, monkeypatch):
+    import mobilemoe.eval.runner as runner
+
+    first = evaluate(checkpoint, [local_task()], show_progress=False, resume_dir=tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "tasks" / "local_mc.json").read_text())
+    assert saved["result"] == first["tasks"]["local_mc"]
+    monkeypatch.setattr(runner, "run_task", lambda *a: pytest.fail("a finished task was run again"))
+    assert evaluate(checkpoint, [local_task()], show_progress=False, resume_dir=tmp_path / "out")["tasks"] == \
+        first["tasks"]
+    with pytest.raises(pytest.fail.Exception):  # other settings (here INT4) are not taken from the saved file
+        evaluate(checkpoint, [local_task()], show_progress=False, resume_dir=tmp_path / "out", int4=True)
+
+
 def write_lm_eval_task(directory, name: str) -> None:
     docs = directory / f"{name}.jsonl"
     docs.write_text("".join(json.dumps({"question": q, "choices": c, "gold": g}) + "\n" for q, c, g in QUESTIONS))
@@ -179,13 +192,21 @@ def test_error_messages(checkpoint, tmp_path, monkeypatch):
         evaluate(checkpoint, "piqa", limit=2, show_progress=False)
 
 
-def test_batched_generation_equals_one_at_a_time_and_exact_match(checkpoint):
+def test_cached_generation_equals_full_recompute_and_exact_match(checkpoint):
     from mobilemoe.eval.runner import exact_match
 
     loaded = load_for_eval(checkpoint)
     contexts = ["Question: where do birds live?\nAnswer:", "The quick", "Paris is the capital of France, and"]
-    one_by_one = [Scorer(loaded.model, loaded.tokenizer, batch_size=1).generate_until([c], ["."], 6)[0]
-                  for c in contexts]
-    assert Scorer(loaded.model, loaded.tokenizer, batch_size=3).generate_until(contexts, ["."], 6) == one_by_one
+    one_by_one = []
+    with torch.no_grad():
+        for context in contexts:  # greedy by a full forward pass per token, no cache
+            ids = loaded.tokenizer.encode(context)
+            new: list[int] = []
+            while len(new) < 6 and "." not in loaded.tokenizer.decode(new):
+                new.append(int(loaded.model(torch.tensor([ids + new])).logits[0, -1].argmax()))
+            one_by_one.append(loaded.tokenizer.decode(new).split(".")[0])
+    scorer = Scorer(loaded.model, loaded.tokenizer)
+    assert scorer.generate_until(contexts, ["."], 6) == one_by_one
+    assert all(block.attn.kv_cache is None for block in loaded.model.layers)  # scoring continues without it
     assert all("." not in text for text in one_by_one)
     assert exact_match("The Seine!", ["seine"], ["\\b(?:The |the )"]) and not exact_match("Rhine", ["Seine"])

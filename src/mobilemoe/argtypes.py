@@ -67,3 +67,20 @@ def non_empty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+def add_int4_scheme_arguments(parser: argparse.ArgumentParser) -> None:
+    """--embedding-bits and --rounding: how `--int4` quantizes a float checkpoint (`quantize.Int4Scheme`)."""
+    parser.add_argument("--embedding-bits", type=int, choices=(4, 8), default=4,
+                        help="with --int4 on float weights: bits of the tied embedding/head (4: the paper's format, "
+                             "default; 8: int8 per row, as llama.cpp keeps it — less loss on pretrained models)")
+    parser.add_argument("--rounding", choices=("rtn", "hqq"), default="rtn",
+                        help="with --int4 on float weights: round to nearest (the paper's, what QAT trains against; "
+                             "default) or torchao's HQQ scale fit (less loss on pretrained models)")
+
+
+def int4_scheme(args: argparse.Namespace):
+    """The `quantize.Int4Scheme` of parsed --embedding-bits/--rounding."""
+    from mobilemoe.quantize import Int4Scheme
+
+    return Int4Scheme(args.embedding_bits, args.rounding)

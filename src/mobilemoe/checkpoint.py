@@ -1,10 +1,10 @@
 """Model checkpoints on disk: a directory with config.json, model.safetensors and tokenizer.json.
 
 Float checkpoints hold every tensor of `Transformer.state_dict()`. INT4 checkpoints (the QAT stage's
-output) hold the INT4 format (`quantize.py`: symmetric int4 g32, fp16 scales; in memory `<name>.qweight` /
-`<name>.scales`), stored in the inference engine's kernel layout (`infer.engine.stored_layout`) so the
-engine maps it with no repack; everything else as float; safetensors metadata `quantization = int4-g32-sym`
-tells them apart. Directories are written to a temporary sibling and
+output) hold, for each weight the INT4 format quantizes, `<name>.qweight` (uint8, two values a byte)
+and `<name>.scales` (fp16, one per 32 inputs) — or, for an embedding/head kept at 8 bits
+(`quantize.Int4Scheme`), int8 `qweight` with one fp16 scale per row — everything else as float; safetensors metadata
+`quantization = int4-g32-sym` tells them apart. Directories are written to a temporary sibling and
 renamed, so a crash never leaves half a checkpoint. Nothing is ever unpickled.
 """
 
@@ -22,7 +22,7 @@ from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.io import atomic_dir
 from mobilemoe.model import Transformer
-from mobilemoe.quantize import dequantize_int4, is_quantized_weight, quantize_int4
+from mobilemoe.quantize import PAPER_SCHEME, Int4Scheme, dequantize, is_quantized_weight, quantize_weight
 from mobilemoe.tokenizer import Tokenizer
 
 INT4_FORMAT = "int4-g32-sym"
@@ -36,29 +36,25 @@ class LoadedModel:
     path: Path
 
 
-def model_tensors(model: Transformer, int4: bool) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores for `model`, in float or in the INT4 format."""
+def model_tensors(model: Transformer, int4: bool, scheme: Int4Scheme = PAPER_SCHEME) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores for `model`, in float or in the INT4 format (quantized as `scheme` says)."""
     params = dict(model.named_parameters())
     tensors = {}
     for name, t in model.state_dict().items():
         t = t.detach().float().contiguous()
         if int4 and name in params and is_quantized_weight(name, params[name]):
-            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = quantize_int4(t)
+            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = quantize_weight(name, t, scheme)
         else:
             tensors[name] = t
     return tensors
 
 
 def write_model_files(directory: Path, model: Transformer, tokenizer: Tokenizer | None = None, int4: bool = False,
-                      tensors: dict[str, torch.Tensor] | None = None) -> None:
+                      tensors: dict[str, torch.Tensor] | None = None, scheme: Int4Scheme = PAPER_SCHEME) -> None:
     """config.json, model.safetensors and tokenizer.json into an existing directory. `tensors` overrides
-    `model_tensors(model, int4)` (e.g. a full state dict gathered from sharded training)."""
+    `model_tensors(model, int4, scheme)` (e.g. a full state dict gathered from sharded training)."""
     if tensors is None:
-        tensors = model_tensors(model, int4)
-    if int4:
-        from mobilemoe.infer.engine import stored_layout
-
-        tensors = stored_layout(model.cfg, tensors)
+        tensors = model_tensors(model, int4, scheme)
     save_file(tensors, directory / "model.safetensors",
               metadata={"format": "mobilemoe", "quantization": INT4_FORMAT if int4 else "none"})
     (directory / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
@@ -67,11 +63,12 @@ def write_model_files(directory: Path, model: Transformer, tokenizer: Tokenizer 
 
 
 def save_model(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, int4: bool = False,
-               tensors: dict[str, torch.Tensor] | None = None, force: bool = False) -> Path:
-    """Write a checkpoint directory atomically. An existing directory is replaced only if it is a checkpoint we
-    wrote (or `force`): see `io.claim_dir`."""
+               tensors: dict[str, torch.Tensor] | None = None, force: bool = False,
+               scheme: Int4Scheme = PAPER_SCHEME) -> Path:
+    """Write a checkpoint directory atomically (`int4`: PTQ as `scheme` says). An existing directory is replaced
+    only if it is a checkpoint we wrote (or `force`): see `io.claim_dir`."""
     with atomic_dir(directory, "checkpoint", force) as tmp:
-        write_model_files(tmp, model, tokenizer, int4, tensors)
+        write_model_files(tmp, model, tokenizer, int4, tensors, scheme)
     return Path(directory)
 
 
@@ -97,6 +94,16 @@ def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise MobileMoEError(f"{file} is missing or corrupt ({err}); re-export or re-train it") from None
 
 
+def stored_embedding_bits(directory: str | Path) -> int:
+    """8 if the checkpoint's INT4 weights keep the embedding at 8 bits (int8 rows), else 4 (float weights too)."""
+    try:
+        with safe_open(str(Path(directory) / "model.safetensors"), framework="pt") as f:
+            stored = "embed.weight.qweight" in f.keys()  # noqa: SIM118
+            return 8 if stored and f.get_slice("embed.weight.qweight").get_dtype() == "I8" else 4
+    except (SafetensorError, OSError):
+        return 4
+
+
 def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a checkpoint directory into a `Transformer` (INT4 weights are dequantized)."""
     directory = Path(directory)
@@ -104,11 +111,8 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
     tensors, meta = read_tensors(directory / "model.safetensors")
     int4 = meta.get("quantization") == INT4_FORMAT
     if int4:
-        from mobilemoe.infer.engine import int4_format
-
-        tensors = int4_format(cfg, tensors)
         for name in [n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")]:
-            tensors[name] = dequantize_int4(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales"))
+            tensors[name] = dequantize(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales"))
     model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     got = {k: v.shape for k, v in tensors.items()}

@@ -197,13 +197,19 @@ class Transformer(nn.Module):
             block.attn.kv_cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype).to(device)
         self.causal_mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device))
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None) -> ModelOutput:
-        """tokens [B, T]; targets [B, T] with IGNORE_INDEX where no loss is taken; input_pos [T] when cached."""
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None,
+                positions: Tensor | None = None, mask: Tensor | None = None,
+                logits_at: Tensor | None = None) -> ModelOutput:
+        """tokens [B, T]; targets [B, T] with IGNORE_INDEX where no loss is taken; input_pos [T] when cached.
+        Packed sequences (several documents in one row, no cache): `positions` [T] and a bool `mask` [T, T]
+        (True: may attend) replace the causal defaults; `logits_at` [N] computes the head only there."""
         T = tokens.shape[1]
-        positions = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
+        if positions is None:
+            positions = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
         freqs = torch.outer(positions.float(), self.inv_freq)
         cos, sin = torch.cat((freqs.cos(), freqs.cos()), -1), torch.cat((freqs.sin(), freqs.sin()), -1)
-        mask = self.causal_mask[input_pos] if input_pos is not None and self.causal_mask is not None else None
+        if mask is None and input_pos is not None and self.causal_mask is not None:
+            mask = self.causal_mask[input_pos]
 
         x = self.embed(tokens)
         aux_loss, loads = x.new_zeros((), dtype=torch.float32), []
@@ -214,7 +220,7 @@ class Transformer(nn.Module):
         if self.training:  # here, not in MoE.forward: a block recomputed for activation checkpointing counts once
             for moe, load in zip(self.moe_layers(), loads, strict=True):
                 moe.load_since_update += load.detach()
-        x = self.norm(x)
+        x = self.norm(x if logits_at is None else x[:, logits_at])
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
         out = ModelOutput(logits, expert_load=torch.stack(loads) if loads else None)
         if targets is not None:

@@ -2,9 +2,18 @@
 
 Quantized: attention q/k/v/o, dense and shared FFNs, every routed expert, the (tied) embedding.
 Kept in high precision: the router and expert bias (fp32), norms (16-bit).
+
+`Int4Scheme` says how post-training quantization (PTQ) of a float model fills that format. The default is the
+paper's: every matrix, the embedding/head included, INT4 by round to nearest — what QAT trains against, so a
+QAT model must be converted this way. For PTQ of a pretrained model two options cut the loss: the tied
+embedding/head at 8 bits (int8 per row, as llama.cpp and ExecuTorch keep it) and torchao's HQQ scale fit
+instead of round to nearest (same format, the scales chosen to minimise the rounding error).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +22,29 @@ from mobilemoe.errors import MobileMoEError
 
 GROUP_SIZE = 32
 INT4_BYTES_PER_PARAM = 0.5 + 2 / GROUP_SIZE  # 4-bit values + one fp16 scale per group
+
+
+@dataclass(frozen=True)
+class Int4Scheme:
+    """How PTQ quantizes a float model. Defaults: the paper's format (and what QAT trains against)."""
+
+    embedding_bits: Literal[4, 8] = 4  # 8: the tied embedding/head as int8 per row (fp16 scales)
+    rounding: Literal["rtn", "hqq"] = "rtn"  # hqq: torchao's HQQ scale-only fit of the INT4 scales
+
+    def __post_init__(self) -> None:
+        if self.embedding_bits not in (4, 8) or self.rounding not in ("rtn", "hqq"):
+            raise MobileMoEError(f"INT4 scheme: embedding bits must be 4 or 8 and rounding rtn or hqq, not "
+                                 f"{self.embedding_bits} / {self.rounding}")
+
+    @property
+    def suffix(self) -> str:
+        """'' for the paper's scheme, else what differs (for labels and directory names)."""
+        return "".join(part for part, on in ((f"-e{self.embedding_bits}", self.embedding_bits != 4),
+                                             (f"-{self.rounding}", self.rounding != "rtn")) if on)
+
+
+PAPER_SCHEME = Int4Scheme()
+HEAD_WEIGHTS = ("embed.weight", "lm_head.weight")
 
 
 def is_quantized_weight(name: str, param: nn.Parameter) -> bool:
@@ -34,12 +66,14 @@ def weight_bytes(model: nn.Module, bits: int = 4, group_size: int = GROUP_SIZE) 
 
 
 # --- the INT4 storage format ------------------------------------------------------------------------
-def quantize_int4(weight: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor, Tensor]:
+def quantize_int4(weight: Tensor, group_size: int = GROUP_SIZE, rounding: str = "rtn") -> tuple[Tensor, Tensor]:
     """Symmetric per-group INT4 of the last dim: (packed uint8 [..., K/2], fp16 scales [..., K/group]).
 
-    Scales and rounding are torchao's own (`get_group_qparams_symmetric` + `quantize_affine`, fp16
-    scales), the same maths as the QAT fake quantizer, so a QAT model converts to exactly what it
-    trained against. Two values per byte: even index in the low nibble, stored as q + 8.
+    Scales and rounding are torchao's own: "rtn" `get_group_qparams_symmetric` + `quantize_affine` (fp16
+    scales), the same maths as the QAT fake quantizer, so a QAT model converts to exactly what it trained
+    against; "hqq" the scales of torchao's HQQ scale-only solver (least squares on the rounded values,
+    iterated), rounded to fp16, then the same `quantize_affine`. Two values per byte: even index in the
+    low nibble, stored as q + 8.
     """
     from torchao.quantization.quant_primitives import quantize_affine
     from torchao.quantization.utils import get_group_qparams_symmetric
@@ -49,8 +83,39 @@ def quantize_int4(weight: Tensor, group_size: int = GROUP_SIZE) -> tuple[Tensor,
         raise MobileMoEError(f"INT4 g{group_size}: the input dimension {k} is not a multiple of the group size")
     rows = weight.detach().float().reshape(-1, k)
     scales, zeros = get_group_qparams_symmetric(rows, 4, group_size, torch.float16)
+    if rounding == "hqq":
+        from torchao.quantization import IntxUnpackedToInt8Tensor
+
+        fitted = IntxUnpackedToInt8Tensor.from_hp(rows, (1, group_size), torch.int4,
+                                                  intx_choose_qparams_algorithm="hqq_scale_only")
+        scales = fitted.scale.reshape(scales.shape).to(torch.float16)
     q = quantize_affine(rows, (1, group_size), scales, zeros, torch.int8, -8, 7)
     return pack_int4(q.reshape(*lead, k)), scales.reshape(*lead, k // group_size)
+
+
+def quantize_int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row (torchao's `get_group_qparams_symmetric` with one group a row): (int8 [N, K],
+    fp16 scales [N, 1]). The 8-bit embedding/head of `Int4Scheme(embedding_bits=8)`."""
+    from torchao.quantization.quant_primitives import quantize_affine
+    from torchao.quantization.utils import get_group_qparams_symmetric
+
+    rows = weight.detach().float()
+    scales, zeros = get_group_qparams_symmetric(rows, 8, rows.shape[-1], torch.float16)
+    return quantize_affine(rows, (1, rows.shape[-1]), scales, zeros, torch.int8, -128, 127), scales
+
+
+def quantize_weight(name: str, weight: Tensor, scheme: Int4Scheme = PAPER_SCHEME) -> tuple[Tensor, Tensor]:
+    """(qweight, scales) of one weight the format quantizes, as `scheme` says."""
+    if scheme.embedding_bits == 8 and name in HEAD_WEIGHTS:
+        return quantize_int8_rows(weight)
+    return quantize_int4(weight, rounding=scheme.rounding)
+
+
+def dequantize(qweight: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Float weights from stored (qweight, scales): packed INT4 (uint8) or int8 rows."""
+    if qweight.dtype == torch.int8:
+        return qweight.to(dtype) * scales.to(dtype)
+    return dequantize_int4(qweight, scales, dtype)
 
 
 def pack_int4(q: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from mobilemoe.ui import console
 RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the package (a link to recipes/ in a checkout)
 MODELS = ("tiny-moe", "tiny-dense")
 CHAT_SAMPLE = ("What is the capital of France?", "What is its population?")  # turn 2's "its" needs turn 1
+REAL_EVAL_TASKS, REAL_EVAL_LIMIT = ("arc_easy", "piqa", "lambada_openai"), 50  # small: a glimpse, not a benchmark
 
 
 def quickstart(fast: bool = False, out: str | Path | None = None) -> Path:
@@ -95,9 +96,29 @@ def real_model(ckpt: Path) -> dict[str, Any]:
     loaded = load_model(ckpt)
     session = ChatSession(loaded.model, loaded.tokenizer, max_context=512)
     chat = [(question, session.reply(question, 48)) for question in CHAT_SAMPLE]
-    result = {"checkpoint": str(ckpt), "chat": chat}
+    result = {"checkpoint": str(ckpt), "chat": chat, "eval": real_model_scores(loaded)}
     atomic_write_json(ckpt.parent / "smollm2.json", result)
     return result
+
+
+def real_model_scores(loaded) -> dict[str, Any]:
+    """Float vs INT4 PTQ (the paper's scheme, and 8-bit embedding + HQQ) of the real model on a few tasks; a note
+    if the benchmark data cannot be had."""
+    import time
+
+    from mobilemoe.errors import MobileMoEError
+    from mobilemoe.eval import evaluate, fetch, results_table_markdown
+    from mobilemoe.quantize import Int4Scheme
+
+    started = time.perf_counter()
+    try:
+        fetch(log=console.print)
+        runs = [evaluate(loaded, REAL_EVAL_TASKS, REAL_EVAL_LIMIT, label=label, int4=int4, scheme=scheme)
+                for label, int4, scheme in (("float", False, Int4Scheme()), ("INT4 g32", True, Int4Scheme()),
+                                            ("INT4 g32, 8-bit embedding, HQQ", True, Int4Scheme(8, "hqq")))]
+    except MobileMoEError as err:
+        return {"note": str(err)}
+    return {"table": results_table_markdown(runs), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results: dict[str, dict],
@@ -146,6 +167,13 @@ def write_report(recipe: Recipe, out: Path, summaries: dict[str, dict], results:
         for question, answer in real["chat"]:
             lines += [f"you> {question}", f"model> {answer}"]
         lines.append("```")
+        scores = real["eval"]
+        if "note" in scores:
+            lines += ["", f"Scores skipped: {scores['note']}."]
+        else:
+            lines += ["", f"Zero-shot scores on the first {REAL_EVAL_LIMIT} documents of {len(REAL_EVAL_TASKS)} tasks "
+                      f"(a glimpse; docs/eval.md has the full suite), float vs our INT4 post-training quantization "
+                      f"({scores['seconds']:.0f} s):", "", scores["table"]]
     lines += ["", "## Plots", ""]
     for model in summaries:
         for path in plot_run(out / model, out / "plots" / model, label=model):

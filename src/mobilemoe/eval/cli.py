@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mobilemoe.argtypes import positive_int
+from mobilemoe.argtypes import add_int4_scheme_arguments, int4_scheme, positive_int
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.io import atomic_write_text
 
@@ -23,14 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: the 14-task suite); "
                    "text:FILE scores perplexity and bits per byte on a text file")
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N documents of each task")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="requests per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="work per forward pass: up to 128 x N tokens "
+                   "of packed requests")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json or directory (default: the checkpoint's)")
     p.add_argument("--int4", action="store_true", help="evaluate the INT4 post-training quantization (group 32) of a "
                    "float model")
+    add_int4_scheme_arguments(p)
     p.add_argument("--vs-lm-eval", action="store_true", help="score the tasks (default: piqa,hellaswag,winogrande,"
                    "sciq) with lm-eval's own YAMLs and hf backend on the same weights too, side by side with ours")
     p.add_argument("--out", default=None, help="output directory (default: eval_results/<model name>[-int4]; "
-                   "with --compare: eval_results/compare)")
+                   "with --compare: eval_results/compare); finished tasks are kept in <out>/tasks/ as they "
+                   "complete, and the same command run again skips them")
     p.add_argument("--force", action="store_true", help="write into --out even if it holds other files or another "
                    "model's results (files named like ours are replaced)")
     p.add_argument("--compare", nargs="+", metavar="RESULTS", help="results.json files or their directories: "
@@ -54,16 +57,16 @@ def _eval(args: argparse.Namespace) -> None:
     elif args.model and args.vs_lm_eval:
         _vs_lm_eval(args)
     elif args.model:
-        from mobilemoe.eval.runner import evaluate, write_results
-        from mobilemoe.io import claim_dir
+        from mobilemoe.eval.runner import claim_results_dir, evaluate, result_label, write_results
 
-        if args.out:  # refuse a directory of the user's before the (long) evaluation, not after
-            claim_dir(args.out, "eval-results", args.force)
-
+        # Claimed before the (long) evaluation, not after; finished tasks are kept there as they complete,
+        # so the same command continues an interrupted run.
+        out = claim_results_dir(_out_dir(args, result_label(args.model, args.int4, int4_scheme(args))), args.model,
+                                args.force)
         result = evaluate(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size,
-                          tokenizer=args.tokenizer, int4=args.int4)
+                          tokenizer=args.tokenizer, int4=args.int4, scheme=int4_scheme(args), resume_dir=out)
         console.print(result["table"], markup=False)
-        for path in write_results(result, _out_dir(args, result["model"]), force=args.force):
+        for path in write_results(result, out, force=args.force):
             console.print(f"wrote {path}")
     else:
         raise MobileMoEError("nothing to do: pass a model to evaluate, --compare RESULTS..., --fetch or --list-tasks")

@@ -9,6 +9,7 @@ Accuracy-type scores are fractions in [0, 1]; tables show them as percentages.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -23,17 +24,18 @@ from mobilemoe.errors import MobileMoEError
 from mobilemoe.eval.tasks import MultipleChoice, Task, Text, resolve_tasks
 from mobilemoe.io import atomic_write_text, claim_dir, mark_dir
 from mobilemoe.model import Transformer
+from mobilemoe.quantize import PAPER_SCHEME, Int4Scheme
 from mobilemoe.tokenizer import Tokenizer
 
 PERCENT_METRICS = ("acc", "acc_norm", "exact_match")
 
 
 def load_for_eval(source: str | Path | LoadedModel | Transformer, tokenizer: str | Path | Tokenizer | None = None,
-                  int4: bool = False) -> LoadedModel:
+                  int4: bool = False, scheme: Int4Scheme = PAPER_SCHEME) -> LoadedModel:
     """A model to evaluate: a checkpoint directory (float or INT4), a directory written by `mobilemoe export hf`,
     a released facebook/MobileMoE-* directory, a preset name (random weights: a chance-level baseline), a
     LoadedModel or a Transformer. `tokenizer` (a tokenizer.json or a directory) overrides the model's own.
-    `int4`: quantize a float model's weights to our INT4 format (PTQ, group 32) first."""
+    `int4`: quantize a float model's weights to our INT4 format (PTQ, group 32, as `scheme` says) first."""
     from mobilemoe.checkpoint import load_model
     from mobilemoe.config import PRESETS, get_preset
 
@@ -73,54 +75,81 @@ def load_for_eval(source: str | Path | LoadedModel | Transformer, tokenizer: str
     if int4 and not loaded.int4:
         if isinstance(source, LoadedModel | Transformer):  # the caller's model stays float
             loaded = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, False, loaded.path)
-        quantize_weights_int4(loaded.model)
+        quantize_weights_int4(loaded.model, scheme)
         loaded.int4 = True
     return loaded
 
 
-def quantize_weights_int4(model: Transformer) -> None:
+def quantize_weights_int4(model: Transformer, scheme: Int4Scheme = PAPER_SCHEME) -> None:
     """Post-training INT4 in place: every weight the INT4 format stores is replaced by its round trip through
-    `quantize_int4` / `dequantize_int4` (group 32, fp16 scales), so the model computes exactly what an INT4
-    checkpoint of it computes (`save_model(..., int4=True)` then `load_model`)."""
+    `quantize_weight` / `dequantize` (group 32, fp16 scales; `scheme`), so the model computes exactly what an
+    INT4 checkpoint of it computes (`save_model(..., int4=True, scheme=scheme)` then `load_model`)."""
     import torch
 
-    from mobilemoe.quantize import dequantize_int4, is_quantized_weight, quantize_int4
+    from mobilemoe.quantize import dequantize, is_quantized_weight, quantize_weight
 
     with torch.no_grad():
         for name, param in model.named_parameters():
             if is_quantized_weight(name, param):
-                param.copy_(dequantize_int4(*quantize_int4(param)))
+                param.copy_(dequantize(*quantize_weight(name, param, scheme)))
 
 
 def evaluate(model: str | Path | LoadedModel | Transformer, tasks: str | Sequence[str | Task] | None = None,
              limit: int | None = None, batch_size: int = 8, tokenizer: str | Path | Tokenizer | None = None,
-             label: str | None = None, show_progress: bool = True, int4: bool = False) -> dict[str, Any]:
+             label: str | None = None, show_progress: bool = True, int4: bool = False,
+             scheme: Int4Scheme = PAPER_SCHEME, resume_dir: str | Path | None = None) -> dict[str, Any]:
     """Zero-shot scores of `model` on `tasks` (names, a comma-separated string, Task objects; None: the
     14-task default suite). `limit` caps the documents per task; `int4` evaluates the INT4 PTQ (g32) of a
-    float model. Returns the result dict described above."""
+    float model, quantized as `scheme` says. `resume_dir`: each finished task's result is written there
+    (tasks/<name>.json, atomically) and a task already there for the same model, settings and limit is not
+    run again, so a long evaluation can be stopped and continued. Returns the result dict described above."""
     from mobilemoe.eval.scoring import Scorer
     from mobilemoe.ui import progress
 
     task_list = resolve_tasks(tasks)  # unknown names fail before the model loads
     examples = {task.name: task.examples(limit) for task in task_list}  # and missing data too
-    loaded = load_for_eval(model, tokenizer, int4)
+    loaded = load_for_eval(model, tokenizer, int4, scheme)
     scorer = Scorer(loaded.model, loaded.tokenizer, batch_size)
+    settings = {"source": str(Path(loaded.path).resolve()), "int4": loaded.int4, "limit": limit,
+                "int4_scheme": dataclasses.asdict(scheme) if int4 else None,
+                "tokenizer": str(loaded.tokenizer.source)}
+    done_dir = Path(resume_dir) / "tasks" if resume_dir is not None else None
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     with progress(disable=not show_progress) as bar:
         for task in task_list:
+            done = _read_json(done_dir / f"{task.name}.json") if done_dir else None
+            if done and done.get("settings") == settings:
+                results[task.name] = done["result"]
+                continue
             todo = examples[task.name]
             bar_id = bar.add_task(task.name, total=_request_count(scorer, todo), info=f"{len(todo)} docs")
             metrics = run_task(scorer, task, todo, lambda n, bar_id=bar_id: bar.advance(bar_id, n))
             results[task.name] = {"metrics": metrics, "primary": task.primary, "score": metrics[task.primary],
                                   "n": len(todo), "split": task.split}
+            if done_dir:
+                done_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(done_dir / f"{task.name}.json",
+                                  json.dumps({"settings": settings, "result": results[task.name]}, indent=2))
     suite = [r["score"] for r in results.values() if r["primary"] in PERCENT_METRICS]
-    name = label or model_label(loaded.path) + (" INT4" if int4 else "")
-    result = {"model": name, "source": str(loaded.path), "int4": loaded.int4, "limit": limit,
-              "tasks": results, "average": sum(suite) / len(suite) if suite else None,
+    name = label or result_label(loaded.path, int4, scheme)
+    result = {"model": name, "source": str(loaded.path), "int4": loaded.int4, "int4_scheme": settings["int4_scheme"],
+              "limit": limit, "tasks": results, "average": sum(suite) / len(suite) if suite else None,
               "seconds": round(time.perf_counter() - started, 1)}
     result["table"] = results_table_markdown(result)
     return result
+
+
+def result_label(path: str | Path, int4: bool = False, scheme: Int4Scheme = PAPER_SCHEME) -> str:
+    """The name results are shown and (lower-cased) stored under: the model's label, + INT4 and its scheme."""
+    return model_label(path) + (f" INT4{scheme.suffix}" if int4 else "")
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _request_count(scorer, examples: list) -> int:
@@ -223,27 +252,27 @@ def model_label(path: str | Path) -> str:
     return "-".join(label)
 
 
-def write_results(result: dict[str, Any], out_dir: str | Path, force: bool = False) -> list[Path]:
-    """results.json and results.md into `out_dir`; results of another model there are replaced only with `force`."""
+def claim_results_dir(out_dir: str | Path, source: str | Path, force: bool = False) -> Path:
+    """Check, before evaluating, that results of `source` may go into `out_dir` (see `write_results`)."""
     out = claim_dir(out_dir, "eval-results", force)
-    previous = _previous_source(out / "results.json")
-    if previous is not None and Path(previous).resolve() != Path(result.get("source", "")).resolve() and not force:
+    saved = _read_json(out / "results.json")
+    previous = saved.get("source") if isinstance(saved, dict) else None
+    if previous is not None and Path(previous).resolve() != Path(source).resolve() and not force:
         raise MobileMoEError(f"{out} holds the results of another model ({previous}); nothing was written. Pass "
                              "--out DIR for these results, or --force to replace those.")
     out.mkdir(parents=True, exist_ok=True)
     mark_dir(out, "eval-results")
+    return out
+
+
+def write_results(result: dict[str, Any], out_dir: str | Path, force: bool = False) -> list[Path]:
+    """results.json and results.md into `out_dir`; results of another model there are replaced only with `force`."""
+    out = claim_results_dir(out_dir, result.get("source", ""), force)
     written = []
     for name, text in (("results.json", json.dumps(result, indent=2)), ("results.md", result["table"] + "\n")):
         atomic_write_text(out / name, text)
         written.append(out / name)
     return written
-
-
-def _previous_source(file: Path) -> str | None:
-    try:
-        return json.loads(file.read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def read_results(path: str | Path) -> dict[str, Any]:

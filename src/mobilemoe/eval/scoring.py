@@ -7,7 +7,8 @@ lm-eval 0.4.13's `TemplateLM` + HF backend compute them, so that both give the s
 - the model sees (context + continuation)[:-1], left-truncated to `max_length`, and the continuation's
   log-probability is the sum over its tokens; `is_greedy` says whether argmax decoding reproduces it.
 
-Requests are scored longest first in batches (right padding is harmless under causal attention).
+Requests sharing a context share one pass over it, and short requests are packed into one sequence per
+forward pass (`Scorer.loglikelihood_tokens`); only float rounding differs from one request per row.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from mobilemoe.errors import MobileMoEError
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import Tokenizer
 
@@ -50,24 +52,77 @@ class Scorer:
     @torch.inference_mode()
     def loglikelihood_tokens(self, requests: Sequence[TokenPair], advance: Callable[[int], None] | None = None
                              ) -> list[tuple[float, bool]]:
+        """The numbers of lm-eval's HF backend, computed with less work: requests whose (truncated) contexts are
+        the same token list — the choices of one question — share one pass over that context, and short
+        groups are packed into one sequence (positions restart per group, a mask keeps each continuation to
+        its own context), the head computed only where a continuation token is predicted. Each continuation
+        token still sees exactly its context and its own preceding tokens, so only float rounding differs."""
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            inputs = [(requests[i][0] + requests[i][1])[-(self.max_length + 1):][:-1] for i in batch]
-            tokens = torch.zeros(len(batch), max(map(len, inputs)), dtype=torch.long)
-            for row, ids in enumerate(inputs):
-                tokens[row, :len(ids)] = torch.tensor(ids)
-            logits = self.model(tokens.to(self.device)).logits
-            for row, i in enumerate(batch):
-                continuation = torch.tensor(requests[i][1], device=self.device)
-                end = len(inputs[row])
-                logprobs = F.log_softmax(logits[row, end - len(continuation):end].float(), dim=-1)
-                results[i] = (float(logprobs.gather(-1, continuation[:, None]).sum()),
-                              bool((logprobs.argmax(-1) == continuation).all()))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (context, continuation) in enumerate(requests):
+            if len(continuation) > self.max_length:
+                raise MobileMoEError(f"a continuation of {len(continuation)} tokens does not fit the model's "
+                                     f"{self.max_length}-token context")
+            whole = (context + continuation)[-(self.max_length + 1):]  # what the model sees, plus the last token
+            groups.setdefault(tuple(whole[:len(whole) - len(continuation)]), []).append(i)
+        packs: list[list[tuple[tuple[int, ...], list[int]]]] = []
+        size = 0
+        for context, members in sorted(groups.items(), key=lambda g: -self._group_tokens(requests, *g)):
+            tokens = self._group_tokens(requests, context, members)
+            if not packs or size + tokens > 128 * self.batch_size:  # a longer group runs alone
+                packs.append([])
+                size = 0
+            packs[-1].append((context, members))
+            size += tokens
+        for pack in packs:
+            for i, scored in self._score_pack(requests, pack):
+                results[i] = scored
             if advance:
-                advance(len(batch))
+                advance(sum(len(members) for _, members in pack))
         return results
+
+    @staticmethod
+    def _group_tokens(requests: Sequence[TokenPair], context: tuple[int, ...], members: list[int]) -> int:
+        return len(context) + sum(len(requests[i][1]) - 1 for i in members)
+
+    def _score_pack(self, requests: Sequence[TokenPair], pack: list[tuple[tuple[int, ...], list[int]]]
+                    ) -> list[tuple[int, tuple[float, bool]]]:
+        tokens: list[int] = []
+        positions: list[int] = []
+        attends: list[tuple[slice, slice]] = []  # (rows, columns) that may attend, causally within the rows
+        predicted_at: list[int] = []  # rows whose logits predict each continuation token, request by request
+        for context, members in pack:
+            own = slice(len(tokens), len(tokens) + len(context))
+            tokens += context
+            positions += range(len(context))
+            attends.append((own, own))
+            for i in members:
+                continuation = requests[i][1]
+                rows = slice(len(tokens), len(tokens) + len(continuation) - 1)
+                tokens += continuation[:-1]
+                positions += range(len(context), len(context) + len(continuation) - 1)
+                attends += [(rows, own), (rows, rows)]
+                predicted_at += [own.stop - 1, *range(rows.start, rows.stop)]
+        mask = None  # one context and one continuation: the plain causal mask is exactly right
+        if len(pack) > 1 or len(pack[0][1]) > 1:
+            n = len(tokens)
+            mask = torch.zeros(n, n, dtype=torch.bool)
+            for rows, columns in attends:
+                mask[rows, columns] = True
+            mask &= torch.ones(n, n, dtype=torch.bool).tril()
+        logits = self.model(torch.tensor([tokens], device=self.device),
+                            positions=torch.tensor(positions, device=self.device),
+                            mask=None if mask is None else mask.to(self.device),
+                            logits_at=torch.tensor(predicted_at, device=self.device)).logits[0]
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        out, offset = [], 0
+        for i in (i for _, members in pack for i in members):
+            continuation = torch.tensor(requests[i][1], device=self.device)
+            part = logprobs[offset:offset + len(continuation)]
+            offset += len(continuation)
+            out.append((i, (float(part.gather(-1, continuation[:, None]).sum()),
+                            bool((part.argmax(-1) == continuation).all()))))
+        return out
 
     def rolling_windows(self, text: str) -> list[TokenPair]:
         """lm-eval's loglikelihood_rolling windows: disjoint chunks of max_length tokens, each conditioned on
@@ -80,37 +135,30 @@ class Scorer:
     @torch.inference_mode()
     def generate_until(self, contexts: Sequence[str], until: Sequence[str], max_new_tokens: int = 32,
                        advance: Callable[[int], None] | None = None) -> list[str]:
-        """Greedy continuation of each context, cut before the first stop string (lm-eval's generate_until).
-        Rows are decoded together, right-padded: each takes its next token from its own last position."""
-        outputs = [""] * len(contexts)
-        for start in range(0, len(contexts), self.batch_size):
-            rows = list(range(start, min(start + self.batch_size, len(contexts))))
-            prompts = {i: (self.tokenizer.encode(contexts[i]) or [self.tokenizer.eos_id])
-                       [-(self.max_length - max_new_tokens):] for i in rows}
-            generated: dict[int, list[int]] = {i: [] for i in rows}
-            active = list(rows)
-            for _ in range(max_new_tokens):
-                sequences = [prompts[i] + generated[i] for i in active]
-                tokens = torch.zeros(len(active), max(map(len, sequences)), dtype=torch.long)
-                for row, ids in enumerate(sequences):
-                    tokens[row, :len(ids)] = torch.tensor(ids)
-                logits = self.model(tokens.to(self.device)).logits
-                still = []
-                for row, i in enumerate(active):
-                    token = int(logits[row, len(sequences[row]) - 1].argmax())
-                    if token in self.tokenizer.stop_ids():
-                        continue
-                    generated[i].append(token)
-                    if not any(stop in self.tokenizer.decode(generated[i]) for stop in until):
-                        still.append(i)
-                active = still
-                if not active:
+        """Greedy continuation of each context, cut before the first stop string (lm-eval's generate_until),
+        decoded with the model's KV cache one document at a time (as lm-eval's HF backend does with
+        transformers' cache)."""
+        from mobilemoe.infer.generate import generate_tokens
+
+        outputs = []
+        for context in contexts:
+            prompt = (self.tokenizer.encode(context) or [self.tokenizer.eos_id])[-(self.max_length - max_new_tokens):]
+            generated: list[int] = []
+            stops = self.tokenizer.stop_ids()
+            for token in generate_tokens(self.model, prompt, max_new_tokens, stop_ids=stops,
+                                         max_context=len(prompt) + max_new_tokens):
+                if token in stops:
                     break
-            for i in rows:
-                text = self.tokenizer.decode(generated[i])
-                for stop in until:
-                    text = text.split(stop)[0]
-                outputs[i] = text
+                generated.append(token)
+                if any(stop in self.tokenizer.decode(generated) for stop in until):
+                    break
+            text = self.tokenizer.decode(generated)
+            for stop in until:
+                text = text.split(stop)[0]
+            outputs.append(text)
             if advance:
-                advance(len(rows))
+                advance(1)
+        for block in self.model.layers:  # back to the cache-free model the other requests are scored on
+            block.attn.kv_cache = None
+        self.model.causal_mask = None
         return outputs

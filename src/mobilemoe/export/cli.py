@@ -22,7 +22,7 @@ def _export(args: argparse.Namespace) -> None:
     elif args.target == "gguf":
         from mobilemoe.export.gguf import export_gguf
 
-        out = export_gguf(args.checkpoint, args.output, args.quant)
+        out = export_gguf(args.checkpoint, args.output, args.quant, embedding_bits=args.embedding_bits)
     else:
         from mobilemoe.export.pte import export_pte
 
@@ -58,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("output", help="output directory (hf) or file (gguf, pte)")
     p.add_argument("--quant", default="q8_0", choices=["q4_0", "q8_0", "f16", "f32"], help="GGUF weight type")
+    p.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None, help="gguf q4_0: 8 writes the "
+                   "embedding/output matrix as q8_0 (default: as the checkpoint keeps it; 4 for float weights)")
     p.add_argument("--max-seq-len", type=positive_int, default=256, help="pte: static KV-cache length")
     p.add_argument("--force", action="store_true", help="hf: replace the output directory even if it holds "
                    "something other than an HF export we wrote (its contents are deleted)")

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilemoe.checkpoint import LoadedModel
+from mobilemoe.checkpoint import LoadedModel, stored_embedding_bits
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export import as_loaded
@@ -76,8 +76,11 @@ def architecture(cfg: ModelConfig) -> str:
 
 
 def export_gguf(source: str | Path | LoadedModel, path: str | Path, quant: str = "q8_0",
-                tokenizer: Tokenizer | None = None) -> Path:
+                tokenizer: Tokenizer | None = None, embedding_bits: int | None = None) -> Path:
     """Write a llama.cpp GGUF of a checkpoint directory or loaded model; `quant` in q4_0|q8_0|f16|f32.
+
+    With q4_0, `embedding_bits` 8 writes the embedding/output matrix as q8_0 (as llama.cpp's own quantizer
+    keeps it high); None follows the checkpoint (8 if its INT4 weights keep the embedding at 8 bits).
 
     Written to a temporary file and renamed, so a failure leaves no partial file.
     """
@@ -98,8 +101,11 @@ def export_gguf(source: str | Path | LoadedModel, path: str | Path, quant: str =
         writer = gguf.GGUFWriter(tmp, arch)
         _write_hparams(writer, cfg, arch, quant)
         _write_tokenizer(writer, tokenizer, cfg.vocab_size)
+        if embedding_bits is None:
+            embedding_bits = stored_embedding_bits(source) if isinstance(source, str | Path) else 4
         for name, tensor in _gguf_tensors(loaded.model, arch):
-            _add_tensor(writer, name, tensor, quant)
+            head = name in ("token_embd.weight", "output.weight") and quant == "q4_0" and embedding_bits == 8
+            _add_tensor(writer, name, tensor, "q8_0" if head else quant)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

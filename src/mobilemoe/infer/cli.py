@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from mobilemoe.argtypes import (
+    add_int4_scheme_arguments,
+    int4_scheme,
     non_empty,
     non_negative_float,
     non_negative_int,
@@ -30,9 +32,12 @@ def _load(args: argparse.Namespace):
     float_weights = (path / "model.safetensors").is_file() and read_tensors(path / "model.safetensors")[1].get(
         "quantization") != INT4_FORMAT
     if args.int4 and float_weights:
-        console.print(f"[yellow]note:[/] {path} holds float weights; rounding them to INT4 (g32) at load")
+        scheme = int4_scheme(args)
+        console.print(f"[yellow]note:[/] {path} holds float weights; quantizing them to INT4 (g32{scheme.suffix}) "
+                      "at load")
         loaded = load_model(path)
-        model, tokenizer = build_int4_model(loaded.model.cfg, model_tensors(loaded.model, int4=True)), loaded.tokenizer
+        model = build_int4_model(loaded.model.cfg, model_tensors(loaded.model, int4=True, scheme=scheme))
+        tokenizer = loaded.tokenizer
         dtype = COMPUTE_DTYPE
     elif args.int4:
         model, tokenizer = load_int4_model(path)
@@ -115,6 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("checkpoint", help="checkpoint directory (e.g. runs/quickstart/tiny-moe/qat/final)")
         p.add_argument("--prompt", type=non_empty, required=verb == "generate", help="the prompt (chat: first message)")
         p.add_argument("--int4", action="store_true", help="run INT4 weights through the engine's int4 kernels")
+        add_int4_scheme_arguments(p)
         p.add_argument("--max-new-tokens", type=positive_int, default=64)
         p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
         p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
@@ -135,6 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "/v1/models) over one checkpoint")
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--int4", action="store_true", help="run INT4 weights through the engine's int4 kernels")
+    add_int4_scheme_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--name", help="model id clients send (default: the model config's name)")

@@ -59,13 +59,16 @@ def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, 
     start = min(cached or 0, len(prompt) - 1)  # at least the last prompt token is run, for its logits
     generator = torch.Generator().manual_seed(sampling.seed)
     decode_step = compile_decode(model) if compile else model
-    logits = model(torch.tensor([prompt[start:]]), input_pos=torch.arange(start, len(prompt))).logits[0, -1]
+    device = model.inv_freq.device
+    logits = model(torch.tensor([prompt[start:]], device=device),
+                   input_pos=torch.arange(start, len(prompt), device=device)).logits[0, -1]
     for pos in range(len(prompt), total):
         token = sample(logits, sampling, generator)
         yield token
         if token in stop_ids or pos + 1 >= total:
             return
-        logits = decode_step(torch.tensor([[token]]), input_pos=torch.tensor([pos])).logits[0, -1]
+        logits = decode_step(torch.tensor([[token]], device=device), input_pos=torch.tensor([pos], device=device)
+                             ).logits[0, -1]
 
 
 def stream_text(tokenizer, tokens: Iterator[int], out: list[int],
