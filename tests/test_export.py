@@ -241,6 +241,34 @@ def test_hf_chat_template_matches_ours(loaded, tmp_path):
     assert list(hf_ids) == loaded.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]
 
 
+def test_hf_export_keeps_the_models_own_special_tokens_and_bos(loaded, tmp_path):
+    """A tokenizer that came with a model (SmolLM2: bos <|im_start|>, eos = pad = <|im_end|>) names those tokens in
+    config.json, generation_config.json and the HF tokenizer; add_bos_token decides whether a sequence's text
+    starts with BOS, in our tokenizer and in transformers' tokenizer(text) alike."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from mobilemoe.export.hf import export_hf
+    from mobilemoe.tokenizer import Tokenizer
+
+    im_start, im_end = loaded.tokenizer.im_start_id, loaded.tokenizer.im_end_id
+    for add_bos in (False, True):
+        tok = Tokenizer(loaded.tokenizer.hf, config={"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                                     "pad_token": "<|im_end|>", "add_bos_token": add_bos})
+        ids = tok.encode(PROMPT, start=True)
+        assert ids == [im_start] * add_bos + tok.encode(PROMPT) == tok.encode_batch([PROMPT], start=True)[0]
+        out = export_hf(LoadedModel(loaded.model, tok, False, "<memory>"), tmp_path / f"bos-{add_bos}")
+        config = json.loads((out / "config.json").read_text())
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (im_start, im_end, im_end)
+        assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [im_end, tok.eos_id]
+        hf_tok = AutoTokenizer.from_pretrained(out)
+        assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+        assert hf_tok(PROMPT)["input_ids"] == ids
+    with pytest.raises(MobileMoEError, match="asks for a BOS token"):
+        Tokenizer(loaded.tokenizer.hf, config={"add_bos_token": True})
+
+
 def test_hf_refuses_softmax_routing(tmp_path):
     from mobilemoe.export.hf import export_hf
 
@@ -311,7 +339,7 @@ def test_released_missing_shard_is_a_clear_error(loaded, tmp_path):
 # --- ExecuTorch -----------------------------------------------------------------------------------------
 @pytest.mark.slow  # torch.export + XNNPACK lowering takes ~35 s on two shared cores
 def test_pte_greedy_tokens_match_the_quantized_model(loaded, tmp_path):
-    from mobilemoe.export.pte import PteRunner, export_pte, quantized_decoder
+    from mobilemoe.export.pte import EagerSteps, PteRunner, export_pte, quantized_decoder
 
     ids = loaded.tokenizer.encode(PROMPT)
     runner = PteRunner(export_pte(loaded, tmp_path / "m.pte", max_seq_len=32))
@@ -321,25 +349,14 @@ def test_pte_greedy_tokens_match_the_quantized_model(loaded, tmp_path):
             want = eager(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
             assert max_rel_error(runner.step(token, pos), want) < 2e-2
     runner = PteRunner(tmp_path / "m.pte")  # fresh KV cache
-    assert runner.greedy(ids, 8) == PteRunner.greedy(_EagerSteps(quantized_decoder(loaded, 32)), ids, 8)
+    assert runner.greedy(ids, 8) == EagerSteps(quantized_decoder(loaded, 32)).greedy(ids, 8)
 
 
 @pytest.mark.slow  # torch.export + XNNPACK lowering, ~40 s on two shared cores
 def test_pte_of_a_dense_model_with_smollm2s_49k_vocabulary(tmp_path):
-    from mobilemoe.export.pte import PteRunner, export_pte, quantized_decoder
+    from mobilemoe.export.pte import EagerSteps, PteRunner, export_pte, quantized_decoder
 
     dense = tiny_model(n_layers=1, n_routed_experts=0, ffn_size=128, qk_norm=False, vocab_size=49152)
     ids = dense.tokenizer.encode(PROMPT)
     runner = PteRunner(export_pte(dense, tmp_path / "m.pte", max_seq_len=32))
-    assert runner.greedy(ids, 8) == PteRunner.greedy(_EagerSteps(quantized_decoder(dense, 32)), ids, 8)
-
-
-class _EagerSteps:
-    """The eager quantized module behind PteRunner's step interface."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def step(self, token: int, pos: int) -> torch.Tensor:
-        with torch.no_grad():
-            return self.module(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
+    assert runner.greedy(ids, 8) == EagerSteps(quantized_decoder(dense, 32)).greedy(ids, 8)

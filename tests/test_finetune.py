@@ -165,6 +165,21 @@ def test_the_qat_output_exports_to_hf_and_gguf_with_equal_greedy_tokens(finetune
         llm.close()
 
 
+@pytest.mark.slow  # two torch.export + XNNPACK lowerings, ~60 s on two shared cores
+def test_the_qat_output_exports_to_pte_with_equal_greedy_tokens(finetuned, tmp_path):
+    """The .pte in the ExecuTorch runtime gives its eager source's greedy tokens, 8da4w and f32; the f32 program
+    also the float model's own (full-sequence, no KV cache): the runtime's cache, attention, RoPE and mask."""
+    from mobilemoe.export.pte import EagerSteps, PteRunner, export_pte, float_decoder, quantized_decoder
+
+    _, run, _ = finetuned
+    result = load_model(run / "qat" / "final")
+    prompt = result.tokenizer.encode_chat([{"role": "user", "content": "the whale?"}], add_generation_prompt=True)[0]
+    for quantize, source in ((True, quantized_decoder), (False, float_decoder)):
+        runner = PteRunner(export_pte(result, tmp_path / f"{quantize}.pte", max_seq_len=64, quantize=quantize))
+        assert runner.greedy(prompt, 12) == EagerSteps(source(result, 64)).greedy(prompt, 12)
+    assert runner.greedy(prompt, 12) == _greedy(result.model, prompt, 12)
+
+
 def test_same_architecture_under_another_name_is_accepted(imported, tmp_path):
     # another name, norm_eps as read back from float32, another context length: all accepted
     cfg = dataclasses.replace(get_preset("micro-dense"), name="someone-elses-model", max_seq_len=128,

@@ -245,6 +245,12 @@ def test_smollm2_config_and_chat_template(smollm2):
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tok.hf.token_to_id("<|im_end|>") in tok.stop_ids()
+    # its GGUF: bos 1 (<|im_start|>), eos 2 (<|im_end|>), add_bos_token false; an HF export names the same ids
+    assert tok.named_ids() == {"bos_token": 1, "eos_token": 2, "pad_token": 2} and tok.bos_id is None
+    from mobilemoe.export.hf import hf_config
+
+    config = hf_config(c, tok)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 2)
 
 
 def test_smollm2_matches_transformers_on_the_same_file(smollm2, smollm2_gguf):

@@ -49,16 +49,30 @@ class Tokenizer:
         self.eos_id = vocab[eos]
         self.im_start_id = vocab.get(IM_START)
         self.im_end_id = vocab.get(IM_END)
+        # The BOS a sequence starts with when the model's tokenizer_config asks for one (add_bos_token), as
+        # transformers' tokenizer(text) and llama.cpp prepend it; None for SmolLM2 and for tokenizers we train.
+        self.bos_id = self.named_ids().get("bos_token") if self.config.get("add_bos_token") else None
+        if self.config.get("add_bos_token") and self.bos_id is None:
+            raise MobileMoEError(f"tokenizer {source} asks for a BOS token (add_bos_token) but names none in its "
+                                 "vocabulary (bos_token); fix its tokenizer_config.json")
 
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, start: bool = False) -> list[int]:
+        """Token ids of `text`; `start`: it begins a sequence, so the model's BOS (if it wants one) comes first."""
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if start and self.bos_id is not None else ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], start: bool = False) -> list[list[int]]:
+        bos = [self.bos_id] if start and self.bos_id is not None else []
+        return [bos + e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def named_ids(self) -> dict[str, int]:
+        """Ids of the special tokens the model's tokenizer_config names (bos_token, eos_token, eot_token, pad_token)."""
+        named = {k: v for k, v in self.config.items() if k.endswith("_token") and isinstance(v, str)}
+        return {k: i for k, v in named.items() if (i := self.hf.token_to_id(v)) is not None}
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
@@ -70,8 +84,9 @@ class Tokenizer:
 
     def stop_ids(self) -> set[int]:
         """End of text, end of turn, and the model's own eos/eot tokens."""
-        named = [self.hf.token_to_id(self.config[k]) for k in ("eos_token", "eot_token") if k in self.config]
-        return {i for i in (self.eos_id, self.im_end_id, *named) if i is not None}
+        named = self.named_ids()
+        ends = (self.eos_id, self.im_end_id, named.get("eos_token"), named.get("eot_token"))
+        return {i for i in ends if i is not None}
 
     def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The conversation as text through the chat template (transformers' sandboxed Jinja renderer)."""

@@ -355,7 +355,7 @@ def encode_documents(tok: Tokenizer, docs: list[D.Document], chunk: int = 512
     for i in range(0, len(docs), chunk):
         batch = docs[i:i + chunk]
         if isinstance(batch[0], str):
-            yield from ((ids, None) for ids in tok.encode_batch(batch))
+            yield from ((ids, None) for ids in tok.encode_batch(batch, start=True))
         else:
             yield from tok.encode_chat_batch(batch)
 

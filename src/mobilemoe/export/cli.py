@@ -26,7 +26,7 @@ def _export(args: argparse.Namespace) -> None:
     else:
         from mobilemoe.export.pte import export_pte
 
-        out = export_pte(args.checkpoint, args.output, max_seq_len=args.max_seq_len)
+        out = export_pte(args.checkpoint, args.output, max_seq_len=args.max_seq_len, quantize=not args.f32)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
     console.print(f"wrote {out} ({human_bytes(size)})")
 
@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None, help="gguf q4_0: 8 writes the "
                    "embedding/output matrix as q8_0 (default: as the checkpoint keeps it; 4 for float weights)")
     p.add_argument("--max-seq-len", type=positive_int, default=256, help="pte: static KV-cache length")
+    p.add_argument("--f32", action="store_true", help="pte: float32 linears and embedding instead of 8da4w "
+                   "(4x larger; computes what the float model computes)")
     p.add_argument("--force", action="store_true", help="hf: replace the output directory even if it holds "
                    "something other than an HF export we wrote (its contents are deleted)")
     p.set_defaults(handler=_export)

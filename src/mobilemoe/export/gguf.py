@@ -171,8 +171,7 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
     writer.add_token_merges(_merges(tokenizer))
     # A model's own special tokens (tokenizer_config.json of an imported checkpoint) are kept; a tokenizer we
     # trained has no BOS (llama.cpp wants some id: eos) and ends turns with <|im_end|>.
-    tokens_named = {k: v for k, v in tokenizer.config.items() if k.endswith("_token") and isinstance(v, str)}
-    named = {k: i for k, v in tokens_named.items() if (i := tokenizer.hf.token_to_id(v)) is not None}
+    named = tokenizer.named_ids()
     writer.add_bos_token_id(named.get("bos_token", tokenizer.eos_id))
     writer.add_add_bos_token(bool(tokenizer.config.get("add_bos_token", False)))
     writer.add_eos_token_id(named.get("eos_token", tokenizer.eos_id))

@@ -56,8 +56,7 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None):
                   num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                   max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=True,
                   rope_parameters=_rope_parameters(cfg), attention_bias=False, hidden_act="silu",
-                  eos_token_id=tokenizer.eos_id if tokenizer else None,
-                  bos_token_id=tokenizer.eos_id if tokenizer else None)
+                  **(_special_token_ids(tokenizer) if tokenizer else {}))
     if not cfg.is_moe:
         config_class = Qwen3Config if cfg.qk_norm else LlamaConfig
         return config_class(intermediate_size=cfg.ffn_size, **common)
@@ -72,6 +71,13 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None):
         moe["rope_parameters"] = {**moe["rope_parameters"], "partial_rotary_factor": 1.0}
         return Glm4MoeConfig(use_qk_norm=False, partial_rotary_factor=1.0, num_nextn_predict_layers=0, **moe)
     return Dots1Config(sliding_window=None, layer_types=["full_attention"] * cfg.n_layers, **moe)
+
+
+def _special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """bos/eos/pad ids for config.json: the model's own (an imported SmolLM2 ends with <|im_end|>, id 2), else our
+    end-of-text for all three (a tokenizer we trained has no BOS)."""
+    named = tokenizer.named_ids()
+    return {f"{k}_id": named.get(k, tokenizer.eos_id) for k in ("bos_token", "eos_token", "pad_token")}
 
 
 def _rope_parameters(cfg: ModelConfig) -> dict:
@@ -134,15 +140,30 @@ def to_hf(source: str | Path | LoadedModel):
         raise MobileMoEError(f"internal weight-name mapping is out of date with transformers: missing {unfilled[:3]}, "
                              f"unexpected {unexpected[:3]}")
     hf_model.tie_weights()
+    if loaded.tokenizer:  # generate() stops where our chat/generate stop: end of text, end of turn, model's eos/eot
+        eos = config.eos_token_id
+        hf_model.generation_config.eos_token_id = [eos, *sorted(loaded.tokenizer.stop_ids() - {eos})]
     return hf_model.eval(), (hf_tokenizer(loaded.tokenizer) if loaded.tokenizer else None)
 
 
 def hf_tokenizer(tokenizer: Tokenizer):
-    """Our tokenizer.json as a PreTrainedTokenizerFast with eos and our chat template."""
+    """Our tokenizer.json as a PreTrainedTokenizerFast with the model's special tokens and chat template; its
+    tokenizer(text) prepends BOS exactly when ours does (`encode(text, start=True)`, add_bos_token)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, eos_token=tokenizer.hf.id_to_token(tokenizer.eos_id),
-                                   pad_token=tokenizer.hf.id_to_token(tokenizer.eos_id))
+    special = {k: tokenizer.hf.id_to_token(i) for k, i in _special_token_ids(tokenizer).items()}
+    hf = HFTokenizer.from_str(tokenizer.hf.to_str())
+    if tokenizer.bos_id is not None:
+        bos = special["bos_token_id"]
+        hf.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                               special_tokens=[(bos, tokenizer.bos_id)])
+    else:  # prepend nothing (an imported tokenizer.json may carry a template that does)
+        hf.post_processor = TemplateProcessing(single="$A", pair="$A $B")
+    named_bos = {"bos_token": special["bos_token_id"]} if "bos_token" in tokenizer.named_ids() else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=special["eos_token_id"],
+                                   pad_token=special["pad_token_id"], **named_bos)
     if tokenizer.im_start_id is not None or "chat_template" in tokenizer.config:
         fast.chat_template = tokenizer.chat_template
     return fast

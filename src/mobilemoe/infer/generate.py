@@ -91,7 +91,7 @@ def generate_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: in
                   cache_dtype: torch.dtype = torch.float32, chat: bool = False, compile: bool = False) -> str:
     """Generate a continuation (or, with `chat`, an assistant reply) as text, streaming pieces to `on_token`."""
     ids = (tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0] if chat
-           else tokenizer.encode(prompt))
+           else tokenizer.encode(prompt, start=True))
     tokens = generate_tokens(model, ids, max_new_tokens, sampling, tokenizer.stop_ids(), cache_dtype=cache_dtype,
                              compile=compile)
     return stream_text(tokenizer, tokens, [], on_token)

@@ -96,7 +96,7 @@ class Server:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
-        gen = self._generation_request(body, self.tokenizer.encode(prompt), DEFAULT_COMPLETION_TOKENS)
+        gen = self._generation_request(body, self.tokenizer.encode(prompt, start=True), DEFAULT_COMPLETION_TOKENS)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
 
