@@ -1,23 +1,34 @@
 """Our INT4 engine vs llama.cpp (llama-cpp-python) on the same 4-bit model, side by side in one run.
 
-    .venv/bin/python bench/llamacpp_vs_engine.py [--layers 20] [--prompt 256] [--context 256] [--steps 16]
-    .venv/bin/python bench/llamacpp_vs_engine.py --checkpoint CKPT [--threads 1]   # any float checkpoint
+    .venv/bin/python bench/llamacpp_vs_engine.py [--layers 20] [--contexts 256,1024] [--threads 1,2] [--cold-start]
+    .venv/bin/python bench/llamacpp_vs_engine.py --checkpoint CKPT ...   # any float checkpoint
 
 Without --checkpoint the model is MobileMoE-S (random weights) as the paper configures it, llama3 RoPE scaling
 included (GGUF architecture exaone-moe, GQA kept, see docs/interop.md); prompts are Moby Dick as byte ids.
 With --checkpoint (e.g. `mobilemoe import gguf smollm2 CKPT`) it is that model, dense or MoE, and the prompt
 is Moby Dick through the checkpoint's own tokenizer. Either way the float weights become our INT4 checkpoint
-(group 32, fp16 scales; `save_model(..., int4=True)`, loaded by the engine's `load_int4_model`) and a GGUF q4_0,
-llama.cpp's format with the same layout (32 values, one fp16 scale), through `mobilemoe export gguf`'s writer.
-The router and norms stay f32 in both. Batch 1, the same threads for both; the two take turns in every
-round (median of the rounds). Our decode is the torch.compile'd step; eager is shown too.
+(group 32, fp16 scales, stored in the engine's layout; `save_model(..., int4=True)`, loaded by the engine's
+`load_int4_model`) and a GGUF q4_0, llama.cpp's format with the same numbers (32 values, one fp16 scale),
+through `mobilemoe export gguf`'s writer. The router and norms stay f32 in both. Batch 1.
+
+For every thread count and context: prefill of `context` prompt tokens, then decode at that context; the
+implementations take turns in every round (median of the rounds). Our decode is the C decode step (one call
+per token); the same engine's torch modules (eager, a kernel call per product) are shown too. Decode
+bandwidth use: weight bytes read per token (INT4, active experts only) x tok/s over the copy bandwidth
+(reads + writes of a 512 MB copy) and over the read bandwidth (a 512 MB sum), both measured in the run at
+each thread count. --cold-start: each implementation loads the model in a fresh process of its
+own; time to load, time to first token (load + prefill of 64 tokens + the first token) and the resident
+memory the loading adds (after minus before), after loading and after the first token.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,11 +37,14 @@ from mobilemoe.checkpoint import LoadedModel, load_model, save_model
 from mobilemoe.config import resolve_model_config
 from mobilemoe.data.documents import read_embedded
 from mobilemoe.export.gguf import export_gguf
-from mobilemoe.infer.bench import interleaved, real_text_ids
-from mobilemoe.infer.engine import COMPUTE_DTYPE, compile_decode, load_int4_model
+from mobilemoe.infer.bench import active_int4_bytes, copy_bandwidth, interleaved, read_bandwidth, real_text_ids
+from mobilemoe.infer.engine import COMPUTE_DTYPE, load_int4_model
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import train_bpe
 from mobilemoe.ui import console
+
+OURS, TORCH, LLAMA = "ours (C decode step)", "ours (torch modules, eager)", "llama.cpp (q4_0)"
+COLD_PROMPT = 64
 
 
 def main() -> None:
@@ -38,35 +52,48 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="a float checkpoint directory (default: MobileMoE-S, "
                         "random weights)")
     parser.add_argument("--layers", type=int, default=20, help="MobileMoE-S layers (without --checkpoint)")
-    parser.add_argument("--prompt", type=int, default=256, help="prefill prompt length")
-    parser.add_argument("--context", type=int, default=256, help="context length at which decode is timed")
+    parser.add_argument("--contexts", default="256,1024", help="prompt lengths = contexts at which decode is timed")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--cold-start", action="store_true", help="also measure loading in fresh processes")
+    parser.add_argument("--child", nargs=2, metavar=("IMPL", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="results directory (default: bench_results/llamacpp_vs_engine, "
-                        "with --checkpoint its /<checkpoint>-t<threads>)")
+                        "with --checkpoint its /<checkpoint>)")
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(cold_start_child(*args.child)))
+        return
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.threads = [int(t) for t in args.threads.split(",")]
     if args.out is None:
-        args.out = "bench_results/llamacpp_vs_engine" + (f"/{Path(args.checkpoint).name}-t{args.threads}"
-                                                         if args.checkpoint else "")
+        args.out = "bench_results/llamacpp_vs_engine" + (f"/{Path(args.checkpoint).name}" if args.checkpoint else "")
     from llama_cpp import Llama
 
-    torch.set_num_threads(args.threads)
     n_ctx = _context_size(args)
     with tempfile.TemporaryDirectory() as tmp:
         loaded, ids = _model_and_prompt(args, n_ctx)
-        args.model = f"{loaded.model.cfg.name} ({loaded.model.cfg.n_layers} layers)"
+        cfg = loaded.model.cfg
+        args.model = f"{cfg.name} ({cfg.n_layers} layers)"
         console.print(f"{args.model}: INT4 checkpoint and GGUF q4_0 from the same float weights ...")
         save_model(Path(tmp) / "int4", loaded.model, loaded.tokenizer, int4=True)
         gguf = export_gguf(loaded, Path(tmp) / "model.gguf", "q4_0")
         del loaded
+        results = {"gguf_bytes": gguf.stat().st_size, "active_int4_bytes": active_int4_bytes(cfg)}
+        if args.cold_start:
+            results["cold_start"] = {name: _in_fresh_process(impl, path) for name, impl, path in
+                                     ((OURS, "engine", Path(tmp) / "int4"), (LLAMA, "llama", gguf))}
         engine, _ = load_int4_model(Path(tmp) / "int4")
-        llm = Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=args.threads,
-                    n_threads_batch=args.threads, verbose=False)
-        gguf_bytes = gguf.stat().st_size
-        results = run(engine, llm, ids, args)
-        llm.close()
-    results["gguf_bytes"] = gguf_bytes
+        llms = {t: Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=t, n_threads_batch=t,
+                         verbose=False) for t in args.threads}
+        results["runs"], results["bandwidth_bytes_s"] = {}, {}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            results["bandwidth_bytes_s"][threads] = {"copy": copy_bandwidth(), "read": read_bandwidth()}
+            for context in args.contexts:
+                results["runs"][threads, context] = run(engine, llms[threads], ids, context, args)
+        for llm in llms.values():
+            llm.close()
     report(results, args)
 
 
@@ -89,7 +116,7 @@ def _model_and_prompt(args: argparse.Namespace, n_ctx: int) -> tuple[LoadedModel
 
 
 @torch.inference_mode()
-def run(engine: Transformer, llm, ids: list[int], args: argparse.Namespace) -> dict:
+def run(engine: Transformer, llm, ids: list[int], context: int, args: argparse.Namespace) -> dict:
     n_ctx = _context_size(args)
 
     def engine_prefill(n: int) -> None:
@@ -100,56 +127,104 @@ def run(engine: Transformer, llm, ids: list[int], args: argparse.Namespace) -> d
         llm.reset()
         llm.eval(ids[:n])
 
-    prefill = {"ours (INT4 engine)": engine_prefill, "llama.cpp (q4_0)": llama_prefill}
+    prefill = {OURS: engine_prefill, LLAMA: llama_prefill}
     for fn in prefill.values():
         fn(32)  # warm-up
-    seconds = interleaved(list(prefill.values()), lambda fn: fn(args.prompt), args.rounds)
-    prefill_tok_s = {name: args.prompt / t for name, t in zip(prefill, seconds, strict=True)}
+    seconds = interleaved(list(prefill.values()), lambda fn: fn(context), args.rounds)
+    prefill_tok_s = {name: context / t for name, t in zip(prefill, seconds, strict=True)}
 
-    # Ours and llama.cpp hold separate caches; compiled and eager decode are the same engine sharing one
+    # Ours and llama.cpp hold separate caches; the C step and the torch modules are one engine sharing one
     # cache, so they continue one position counter.
-    engine_prefill(args.context)
-    llama_prefill(args.context)
-    position = {"engine": args.context, "llama": args.context}
-    compiled = compile_decode(engine)
+    engine_prefill(context)
+    llama_prefill(context)
+    position = {"engine": context, "llama": context}
 
-    def engine_decode(step) -> None:
+    def engine_decode(c_decode: bool) -> None:
+        engine.c_decode = c_decode
         for _ in range(args.steps):
-            step(torch.tensor([[ids[position["engine"]]]]), input_pos=torch.tensor([position["engine"]]))
+            engine(torch.tensor([[ids[position["engine"]]]]), input_pos=torch.tensor([position["engine"]]))
             position["engine"] += 1
+        engine.c_decode = True
 
     def llama_decode() -> None:
         for _ in range(args.steps):
             llm.eval([ids[position["llama"]]])
             position["llama"] += 1
 
-    decoders = {"ours (INT4 engine), compiled decode": lambda: engine_decode(compiled),
-                "ours (INT4 engine), eager decode": lambda: engine_decode(engine),
-                "llama.cpp (q4_0)": llama_decode}
-    decoders["ours (INT4 engine), compiled decode"]()  # compiles, untimed
+    decoders = {OURS: lambda: engine_decode(True), TORCH: lambda: engine_decode(False), LLAMA: llama_decode}
     seconds = interleaved(list(decoders.values()), lambda fn: fn(), args.rounds)
     return {"prefill_tok_s": prefill_tok_s,
             "decode_tok_s": {name: args.steps / t for name, t in zip(decoders, seconds, strict=True)}}
 
 
 def _context_size(args: argparse.Namespace) -> int:
-    return max(args.prompt, args.context) + (2 * args.rounds + 1) * args.steps + 2
+    return max(args.contexts) + (3 * args.rounds + 1) * args.steps + 2
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+
+def cold_start_child(impl: str, path: str) -> dict:
+    """In a fresh process (imports done first): load, then the first token of a 64-token prompt."""
+    ids = real_text_ids(COLD_PROMPT, 300)
+    if impl == "engine":
+        before = _rss()
+        started = time.perf_counter()
+        engine, _ = load_int4_model(path)
+        loaded_s, after_load = time.perf_counter() - started, _rss()
+        with torch.inference_mode():
+            engine.setup_cache(1, COLD_PROMPT + 1, COMPUTE_DTYPE)
+            int(engine(torch.tensor([ids]), input_pos=torch.arange(COLD_PROMPT)).logits[0, -1].argmax())
+    else:
+        from llama_cpp import Llama
+
+        before = _rss()
+        started = time.perf_counter()
+        llm = Llama(path, n_ctx=COLD_PROMPT + 1, n_batch=COLD_PROMPT, n_threads=torch.get_num_threads(),
+                    verbose=False)
+        loaded_s, after_load = time.perf_counter() - started, _rss()
+        llm.eval(ids)
+        int(llm.scores[COLD_PROMPT - 1].argmax())
+    ttft = time.perf_counter() - started
+    return {"load_s": loaded_s, "ttft_s": ttft, "rss_added_by_load": after_load - before,
+            "rss_added_at_first_token": _rss() - before}
+
+
+def _in_fresh_process(impl: str, path: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", impl, str(path)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def report(results: dict, args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({**vars(args), **results}, indent=2))
-    base = "llama.cpp (q4_0)"
-    llama_prefill, llama_decode = results["prefill_tok_s"][base], results["decode_tok_s"][base]
-    console.print(f"{args.model}, {args.threads} threads; prefill {args.prompt} tokens, "
-                  f"decode at context {args.context}, median of {args.rounds} rounds")
-    console.print("| implementation | prefill tok/s | vs llama.cpp | decode tok/s | vs llama.cpp |")
-    console.print("|---|---|---|---|---|")
-    for name, value in results["decode_tok_s"].items():
-        pre = results["prefill_tok_s"].get(name.split(",")[0])
-        pre_text = f"{pre:.1f} | {pre / llama_prefill:.2f}x" if pre else "| "
-        console.print(f"| {name} | {pre_text} | {value:.1f} | {value / llama_decode:.2f}x |")
+    runs = {f"{t} threads, context {c}": r for (t, c), r in results["runs"].items()}
+    (out / "results.json").write_text(json.dumps({**vars(args), **results, "runs": runs}, indent=2))
+    active = results["active_int4_bytes"]
+    console.print(f"{args.model}; prefill of `context` tokens, decode at that context, median of {args.rounds} "
+                  f"rounds; {active / 1e6:.1f} MB of INT4 weights read per decoded token; copy / read bandwidth: "
+                  + ", ".join(f"{t} threads {b['copy'] / 1e9:.1f} / {b['read'] / 1e9:.1f} GB/s"
+                              for t, b in results["bandwidth_bytes_s"].items()))
+    console.print("| threads, context | implementation | prefill tok/s | vs llama.cpp | decode tok/s | vs llama.cpp "
+                  "| decode bandwidth use (of copy / of read) |")
+    console.print("|---|---|---|---|---|---|---|")
+    for (threads, context), r in results["runs"].items():
+        base_prefill, base_decode = r["prefill_tok_s"][LLAMA], r["decode_tok_s"][LLAMA]
+        bw = results["bandwidth_bytes_s"][threads]
+        for name, value in r["decode_tok_s"].items():
+            pre = r["prefill_tok_s"].get(name)
+            pre_text = f"{pre:.1f} | {pre / base_prefill:.2f}x" if pre else " | "
+            console.print(f"| {threads}, {context} | {name} | {pre_text} | {value:.1f} | {value / base_decode:.2f}x | "
+                          f"{active * value / bw['copy']:.0%} / {active * value / bw['read']:.0%} |")
+    if "cold_start" in results:
+        console.print("| cold start (own process) | load s | time to first token s | RSS added by load | "
+                      "RSS added at first token |")
+        console.print("|---|---|---|---|---|")
+        for name, c in results["cold_start"].items():
+            console.print(f"| {name} | {c['load_s']:.3f} | {c['ttft_s']:.3f} | {c['rss_added_by_load'] / 1e6:.1f} MB "
+                          f"| {c['rss_added_at_first_token'] / 1e6:.1f} MB |")
     console.print(f"wrote {out / 'results.json'}")
 
 

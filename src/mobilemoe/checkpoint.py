@@ -1,9 +1,10 @@
 """Model checkpoints on disk: a directory with config.json, model.safetensors and tokenizer.json.
 
 Float checkpoints hold every tensor of `Transformer.state_dict()`. INT4 checkpoints (the QAT stage's
-output) hold, for each weight the INT4 format quantizes, `<name>.qweight` (uint8, two values a byte)
-and `<name>.scales` (fp16, one per 32 inputs) — or, for an embedding/head kept at 8 bits
-(`quantize.Int4Scheme`), int8 `qweight` with one fp16 scale per row — everything else as float; safetensors metadata
+output) hold the INT4 format (`quantize.py`: symmetric int4 g32, fp16 scales; in memory `<name>.qweight` /
+`<name>.scales`), stored in the inference engine's kernel layout (`infer.engine.stored_layout`) so the
+engine maps it with no repack — except an embedding/head kept at 8 bits (`quantize.Int4Scheme`), stored as
+int8 `qweight` with one fp16 scale per row; everything else as float; safetensors metadata
 `quantization = int4-g32-sym` tells them apart. Directories are written to a temporary sibling and
 renamed, so a crash never leaves half a checkpoint. Nothing is ever unpickled.
 """
@@ -55,6 +56,10 @@ def write_model_files(directory: Path, model: Transformer, tokenizer: Tokenizer 
     `model_tensors(model, int4, scheme)` (e.g. a full state dict gathered from sharded training)."""
     if tensors is None:
         tensors = model_tensors(model, int4, scheme)
+    if int4:
+        from mobilemoe.infer.engine import stored_layout
+
+        tensors = stored_layout(model.cfg, tensors)
     save_file(tensors, directory / "model.safetensors",
               metadata={"format": "mobilemoe", "quantization": INT4_FORMAT if int4 else "none"})
     (directory / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
@@ -111,6 +116,9 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
     tensors, meta = read_tensors(directory / "model.safetensors")
     int4 = meta.get("quantization") == INT4_FORMAT
     if int4:
+        from mobilemoe.infer.engine import int4_format
+
+        tensors = int4_format(cfg, tensors)
         for name in [n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")]:
             tensors[name] = dequantize(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales"))
     model = Transformer(cfg)

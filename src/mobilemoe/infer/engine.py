@@ -6,15 +6,18 @@ our own C kernels and weight layout (`infer/q4.py`, `infer/kernels/q8q4.c`; AVX-
 NEON sdot or portable C, chosen from the CPU). Activations between the products, the KV cache, norms,
 RoPE and routing are fp32.
 
-Few calls per layer: q/k/v are one product, o one, the attention at decode one C call that reads only
-the filled part of the KV cache, and a layer's whole FFN one call (a MoE block: the routed experts and the
-shared expert, the input quantized once). The decode step can still be captured whole by torch.compile
-(`compile_decode`), the kernels being opaque custom ops, which fuses the norms, RoPE and routing around
-them.
+A one-token decode step is one C call (`decode_step` in kernels/q8q4.c): embedding, every layer (norms,
+q/k/v, QK-norm, RoPE, the KV cache write, attention over the filled cache only, o, the router's top-k with
+its selection bias, shared and routed experts, residuals) and the head, in one OpenMP parallel region whose
+threads split weight rows and meet only where a phase needs the last one's output. Prefill (many tokens)
+runs the torch modules with the same kernels per product: q/k/v one product, o one, a layer's whole FFN one
+call. That torch path still compiles to one graph (the kernels are opaque custom ops), but the C step makes
+torch.compile unnecessary for the engine: `compile_decode` hands an engine model back unchanged.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +27,17 @@ from torch import Tensor, nn
 
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
-from mobilemoe.infer.q4 import Q4Weight, attention_decode, pack_q4, q4_ffn, q4_linear, q4_moe, unpack_q4_rows
+from mobilemoe.infer.kernels import q8q4_library
+from mobilemoe.infer.q4 import (
+    Q4Weight,
+    attention_decode,
+    pack_q4,
+    q4_ffn,
+    q4_linear,
+    q4_moe,
+    unpack_q4,
+    unpack_q4_rows,
+)
 from mobilemoe.model import Attention, FeedForward, ModelOutput, MoE, Transformer, rope_frequencies
 from mobilemoe.moe import Router
 from mobilemoe.quantize import GROUP_SIZE
@@ -33,11 +46,11 @@ COMPUTE_DTYPE = torch.float32  # activations and KV cache between the 8da4w prod
 
 
 class Int4Linear(nn.Module):
-    """8da4w linear; several (packed, scales) pairs make one fused linear whose outputs are concatenated."""
+    """8da4w linear (fused products, e.g. q/k/v, are one weight whose outputs are concatenated)."""
 
-    def __init__(self, *pairs: tuple[Tensor, Tensor]):
+    def __init__(self, weight: Q4Weight):
         super().__init__()
-        self.weight = pack_q4(torch.cat([p for p, _ in pairs]), torch.cat([s for _, s in pairs]))
+        self.weight = weight
         self.out_features = self.weight.out_features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,12 +137,12 @@ class Int4FeedForward(nn.Module):
 class Int4MoE(nn.Module):
     """INT4 MoE layer: route (fp32), then routed experts and shared expert in one call."""
 
-    def __init__(self, cfg: ModelConfig, router: Router, gate_up: tuple[Tensor, Tensor],
-                 down: tuple[Tensor, Tensor], shared: Int4FeedForward | None):
+    def __init__(self, cfg: ModelConfig, router: Router, gate_up: Q4Weight, down: Q4Weight,
+                 shared: Int4FeedForward | None):
         super().__init__()
         self.cfg = cfg
         self.router = router.float()
-        self.gate_up, self.down = pack_q4(*gate_up), pack_q4(*down)
+        self.gate_up, self.down = gate_up, down
         self.shared_expert = shared
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -141,65 +154,226 @@ class Int4MoE(nn.Module):
         return y.view(shape), torch.zeros(()), r.load
 
 
+# --- the decode step in C: the structs of kernels/q8q4.c ---------------------------------------------------
+class _Mat(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("corr", ctypes.c_void_p), ("N", ctypes.c_int),
+                ("K", ctypes.c_int)]
+
+
+class _DecodeLayer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("qkv", _Mat), ("o", _Mat),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("gate_up", _Mat), ("down", _Mat),
+                ("router", ctypes.c_void_p), ("expert_bias", ctypes.c_void_p), ("expert_gate_up", _Mat),
+                ("expert_down", _Mat)]
+
+
+class _DecodeModel(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("n_layers", "D", "H", "KVH", "hd", "max_len", "E", "top_k",
+                                                  "qk_norm", "sigmoid", "norm_topk")]
+    _fields_ += [("eps", ctypes.c_float), ("route_scale", ctypes.c_float), ("inv_freq", ctypes.c_void_p),
+                 ("embed", _Mat), ("head", _Mat), ("final_norm", ctypes.c_void_p),
+                 ("layers", ctypes.POINTER(_DecodeLayer))]
+
+
+def _mat(w: Q4Weight | None) -> _Mat:
+    if w is None:
+        return _Mat()
+    return _Mat(w.blocks.data_ptr(), w.scales.data_ptr(), w.corr.data_ptr(), w.padded_out, w.in_features)
+
+
+class Int4Transformer(Transformer):
+    """The engine's model: `Transformer` with INT4 modules, whose eager one-token decode step (batch 1, fp32
+    KV cache) is the C `decode_step`; everything else (prefill, training-style forwards, a traced step) runs
+    the torch modules. `c_decode = False` keeps decode on the torch modules too (for comparisons)."""
+
+    c_decode = True
+    _program: tuple | None = None  # (the KV cache it points into, the C struct, the layer array)
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None) -> ModelOutput:
+        if (self.c_decode and targets is None and input_pos is not None and tokens.shape == (1, 1)
+                and not torch.compiler.is_compiling()):
+            program = self._decode_program()
+            pos = int(input_pos[0])
+            if program is not None and 0 <= pos < program.max_len:
+                return ModelOutput(self._decode(program, int(tokens[0, 0]), pos))
+        return super().forward(tokens, targets, input_pos)
+
+    def _decode(self, program: _DecodeModel, token: int, pos: int) -> Tensor:
+        hidden = torch.empty(self.cfg.d_model)
+        if program.embed.N == 0:  # an embedding the C step does not read: looked up here
+            hidden.copy_(self.embed(torch.tensor([token])).view(-1))
+        logits = torch.empty(program.head.N) if program.head.N else None
+        q8q4_library().decode_step(ctypes.byref(program), token, pos, hidden.data_ptr(),
+                                   None if logits is None else logits.data_ptr())
+        if logits is None:
+            return self.lm_head(hidden.view(1, 1, -1)).float()
+        return logits[:self.cfg.vocab_size].view(1, 1, -1)
+
+    def _decode_program(self) -> _DecodeModel | None:
+        """The C struct of pointers to this model's weights and KV cache; rebuilt when `setup_cache` made a new
+        cache. None where the C step does not apply (no or a non-fp32 cache, shapes it does not take)."""
+        cache = self.layers[0].attn.kv_cache
+        if self._program is not None and self._program[0] is cache:
+            return self._program[1]
+        cfg = self.cfg
+        if (cache is None or cache.k.dtype != torch.float32 or cache.k.shape[0] != 1 or cfg.d_model % 16
+                or cfg.n_routed_experts > 1024 or cfg.head_dim > 256):
+            return None
+        layers = (_DecodeLayer * cfg.n_layers)()
+        for block, layer in zip(self.layers, layers, strict=True):
+            attn, ffn = block.attn, block.ffn
+            layer.attn_norm, layer.ffn_norm = block.attn_norm.weight.data_ptr(), block.ffn_norm.weight.data_ptr()
+            layer.qkv, layer.o = _mat(attn.qkv_proj.weight), _mat(attn.o_proj.weight)
+            layer.k_cache, layer.v_cache = attn.kv_cache.k.data_ptr(), attn.kv_cache.v.data_ptr()
+            dense = ffn.shared_expert if isinstance(ffn, Int4MoE) else ffn
+            if dense is not None:
+                layer.gate_up, layer.down = _mat(dense.gate_up), _mat(dense.down)
+            if isinstance(ffn, Int4MoE):
+                layer.router, layer.expert_bias = ffn.router.weight.data_ptr(), ffn.router.expert_bias.data_ptr()
+                layer.expert_gate_up, layer.expert_down = _mat(ffn.gate_up), _mat(ffn.down)
+        program = _DecodeModel(
+            cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.k.shape[2],
+            cfg.n_routed_experts if cfg.is_moe else 0, cfg.top_k if cfg.is_moe else 0, int(cfg.qk_norm),
+            int(cfg.router == "sigmoid"), int(cfg.norm_topk_prob), cfg.norm_eps, cfg.routed_scaling_factor,
+            self.inv_freq.data_ptr(),
+            _mat(self.embed.weight if isinstance(self.embed, Int4Embedding) else None),
+            _mat(self.lm_head.weight if isinstance(self.lm_head, Int4Linear) else None),
+            self.norm.weight.data_ptr(), layers)
+        self._program = (cache, program, layers)
+        return program
+
+
 def compile_decode(model: Transformer) -> Callable[..., ModelOutput]:
     """The one-token decode step captured by torch.compile (static shapes: one graph, compiled at the
     first call, ~10-60 s on two cores). Prefill stays eager: its length changes from prompt to prompt.
+    An engine model whose decode is the C step is returned as it is: there is nothing left to compile.
 
     Every (model shape, cache length) pair is its own graph of the one `Transformer.forward`; dynamo's
     default limit of 8 graphs per function would silently run the rest eagerly (e.g. a bench of 4 presets
     at 3 contexts), so the limit is raised."""
+    if isinstance(model, Int4Transformer) and model.c_decode:
+        return model
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(model, dynamic=False)
 
 
-def build_int4_model(cfg: ModelConfig, tensors: dict[str, Tensor]) -> Transformer:
-    """A `Transformer` whose weights are INT4 modules, from INT4 checkpoint tensors (`name.qweight` /
-    `name.scales` for quantized weights, plain tensors for the rest). Built on the meta device first, so
-    no float copy of the weights is ever allocated."""
+# --- INT4 checkpoint tensors -> the engine's products -------------------------------------------------------
+def int4_products(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+    """Every INT4 product of the engine (by its module path) -> the INT4 checkpoint weights it is made of,
+    with their row counts, in row order: q/k/v become one product, gate/up one, the tied embedding is the head."""
+    from mobilemoe.model import build_on_meta
 
-    def q(name: str) -> tuple[Tensor, Tensor]:
+    model = build_on_meta(cfg)
+    params = dict(model.named_parameters())
+
+    def rows(*names: str) -> list[tuple[str, int]]:
+        return [(n, params[n].shape[-2]) for n in names]
+
+    products = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            products[f"{name}.gate_up"] = rows(f"{name}.gate_up_proj")
+            products[f"{name}.down"] = rows(f"{name}.down_proj")
+        elif isinstance(module, FeedForward):
+            products[f"{name}.gate_up"] = rows(f"{name}.gate_proj.weight", f"{name}.up_proj.weight")
+            products[f"{name}.down"] = rows(f"{name}.down_proj.weight")
+        elif isinstance(module, Attention):
+            products[f"{name}.qkv_proj"] = rows(*(f"{name}.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")))
+            products[f"{name}.o_proj"] = rows(f"{name}.o_proj.weight")
+    products["lm_head"] = rows("embed.weight" if cfg.tie_embeddings else "lm_head.weight")
+    if not cfg.tie_embeddings:
+        products["embed"] = rows("embed.weight")
+    return products
+
+
+LAYOUT_PARTS = ("q4_blocks", "q4_scales", "q4_corr")  # a stored product: `<product>.<part>`
+
+
+def stored_layout(cfg: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """INT4 checkpoint tensors with every product the engine runs stored in the kernels' layout (fused as the
+    engine fuses), so that loading maps them with no repack. Tensors of no product pass through unchanged."""
+    out = dict(tensors)
+    for product, sources in int4_products(cfg).items():
+        names = [n for n, _ in sources]
+        if not all(f"{n}.qweight" in out and out[f"{n}.qweight"].dtype == torch.uint8 for n in names):
+            continue  # absent, or an 8-bit embedding/head (int8 rows: not a kernel product)
+        w = pack_q4(torch.cat([out[f"{n}.qweight"] for n in names], -2),
+                    torch.cat([out[f"{n}.scales"] for n in names], -2))
+        for n in names:
+            del out[f"{n}.qweight"], out[f"{n}.scales"]
+        out |= {f"{product}.{part}": t for part, t in zip(LAYOUT_PARTS, (w.blocks, w.scales, w.corr), strict=True)}
+    return out
+
+
+def int4_format(cfg: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `stored_layout`: every stored product back as `<name>.qweight` / `<name>.scales`."""
+    out = dict(tensors)
+    for product, sources in int4_products(cfg).items():
+        if f"{product}.q4_blocks" not in out:
+            continue
+        w = _stored_q4(out, product, sum(r for _, r in sources), pop=True)
+        packed, scales = unpack_q4(w)
+        for (n, _), p, sc in zip(sources, packed.split([r for _, r in sources], -2),
+                                 scales.split([r for _, r in sources], -2), strict=True):
+            out[f"{n}.qweight"], out[f"{n}.scales"] = p.contiguous(), sc.contiguous()
+    return out
+
+
+def _stored_q4(tensors: dict[str, Tensor], product: str, rows: int, pop: bool = False) -> Q4Weight:
+    get = tensors.pop if pop else tensors.__getitem__
+    return Q4Weight(*(get(f"{product}.{part}") for part in LAYOUT_PARTS), rows)
+
+
+def build_int4_model(cfg: ModelConfig, tensors: dict[str, Tensor]) -> Int4Transformer:
+    """A `Transformer` whose weights are INT4 modules, from INT4 checkpoint tensors: products in the stored
+    layout (`stored_layout`) are used as they are (mapped, not copied); `name.qweight` / `name.scales` pairs
+    are packed. Built on the meta device first, so no float copy of the weights is ever allocated."""
+
+    def q4(product: str) -> Q4Weight:
+        sources = products[product]
+        if f"{product}.q4_blocks" in tensors:
+            return _stored_q4(tensors, product, sum(r for _, r in sources))
         try:
-            return tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
-        except KeyError:
+            pairs = [(tensors[f"{n}.qweight"], tensors[f"{n}.scales"]) for n, _ in sources]
+        except KeyError as err:
+            name = str(err.args[0]).rsplit(".", 1)[0]
             raise MobileMoEError(f"INT4 weights for '{name}' are missing: the checkpoint is not an INT4 checkpoint "
                                  "of this config (quantize it with `--int4` from a float checkpoint, or pass "
                                  "the QAT stage's final/ directory)") from None
+        return pack_q4(torch.cat([p for p, _ in pairs], -2), torch.cat([s for _, s in pairs], -2))
 
+    def head(name: str, product: str) -> Int4Linear | Int8Head:
+        """The output head (or untied embedding table): INT4, or int8 rows where the checkpoint keeps it at 8 bits."""
+        if tensors.get(f"{name}.qweight", torch.empty(0)).dtype == torch.int8:
+            return Int8Head(tensors[f"{name}.qweight"], tensors[f"{name}.scales"])
+        return Int4Linear(q4(product))
+
+    products = int4_products(cfg)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Int4Transformer(cfg)
     for name, module in list(model.named_modules()):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, MoE):
-            shared = _int4_ffn(f"{name}.shared_expert", q) if module.shared_expert is not None else None
+            shared = (Int4FeedForward(q4(f"{name}.shared_expert.gate_up"), q4(f"{name}.shared_expert.down"))
+                      if module.shared_expert is not None else None)
             router = module.router.to_empty(device="cpu")  # filled from the checkpoint, never initialised
             router.load_state_dict({key: tensors[f"{name}.router.{key}"] for key in router.state_dict()})
-            setattr(parent, attr, Int4MoE(cfg, router, q(f"{name}.gate_up_proj"), q(f"{name}.down_proj"), shared))
+            setattr(parent, attr, Int4MoE(cfg, router, q4(f"{name}.gate_up"), q4(f"{name}.down"), shared))
         elif isinstance(module, FeedForward) and ".shared_expert" not in name:
-            setattr(parent, attr, _int4_ffn(name, q))
+            setattr(parent, attr, Int4FeedForward(q4(f"{name}.gate_up"), q4(f"{name}.down")))
         elif isinstance(module, Attention):
-            qkv = Int4Linear(*(q(f"{name}.{p}.weight") for p in ("q_proj", "k_proj", "v_proj")))
-            setattr(parent, attr, Int4Attention(cfg, qkv, Int4Linear(q(f"{name}.o_proj.weight"))))
+            qkv, o = Int4Linear(q4(f"{name}.qkv_proj")), Int4Linear(q4(f"{name}.o_proj"))
+            setattr(parent, attr, Int4Attention(cfg, qkv, o))
         elif isinstance(module, nn.RMSNorm):
             norm = nn.RMSNorm(module.normalized_shape, eps=module.eps, device="cpu", dtype=COMPUTE_DTYPE)
             norm.weight.data.copy_(tensors[f"{name}.weight"])
             setattr(parent, attr, norm)
-    model.lm_head = _head(q("embed.weight" if cfg.tie_embeddings else "lm_head.weight"))
-    table = model.lm_head if cfg.tie_embeddings else _head(q("embed.weight"))
+    model.lm_head = head(products["lm_head"][0][0], "lm_head")
+    table = model.lm_head if cfg.tie_embeddings else head("embed.weight", "embed")
     model.embed = Int8Embedding(table) if isinstance(table, Int8Head) else Int4Embedding(table.weight)
     model.inv_freq = rope_frequencies(cfg)
     return model.eval()
-
-
-def _head(pair: tuple[Tensor, Tensor]) -> Int4Linear | Int8Head:
-    """An output head (or embedding table) from its stored weights: INT4, or int8 rows when kept at 8 bits."""
-    return Int8Head(*pair) if pair[0].dtype == torch.int8 else Int4Linear(pair)
-
-
-def _int4_ffn(name: str, q: Callable[[str], tuple[Tensor, Tensor]]) -> Int4FeedForward:
-    gate_up = [q(f"{name}.{p}.weight") for p in ("gate_proj", "up_proj")]
-    return Int4FeedForward(pack_q4(torch.cat([p for p, _ in gate_up]), torch.cat([s for _, s in gate_up])),
-                           pack_q4(*q(f"{name}.down_proj.weight")))
 
 
 def random_int4_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, Tensor]:

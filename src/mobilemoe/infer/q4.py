@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mobilemoe.infer.kernels import q8q4_library
-from mobilemoe.quantize import GROUP_SIZE, activation_fake_quantizer, dequantize_int4, unpack_int4
+from mobilemoe.quantize import GROUP_SIZE, activation_fake_quantizer, dequantize_int4, pack_int4, unpack_int4
 
 ROWS = 16  # rows per block of the layout
 CHUNK = 8  # inputs per 64-byte chunk of a block
@@ -62,6 +62,17 @@ def pack_q4(packed: Tensor, scales: Tensor) -> Q4Weight:
     blocks = (u[..., 0, :] | (u[..., 1, :] << 4)).reshape(*lead, rows // ROWS, k // CHUNK, ROWS * 4)
     s = scales.reshape(*lead, rows // ROWS, ROWS, k // GROUP_SIZE).transpose(-1, -2)
     return Q4Weight(blocks.contiguous(), s.contiguous(), corr.contiguous(), n)
+
+
+def unpack_q4(weight: Q4Weight) -> tuple[Tensor, Tensor]:
+    """The inverse of `pack_q4`: our INT4 tensors ([*, N, K/2] uint8, [*, N, K/32] fp16), padding dropped."""
+    *lead, n_blocks, chunks, _ = weight.blocks.shape
+    b = weight.blocks.reshape(*lead, n_blocks, chunks, ROWS, 4)
+    u = torch.stack((b & 15, b >> 4), -2)  # [*, blocks, chunks, 16 rows, 2 halves, 4 inputs]
+    q = u.movedim(-3, -4).reshape(*lead, n_blocks * ROWS, chunks * CHUNK).to(torch.int8) - 8
+    scales = weight.scales.transpose(-1, -2).reshape(*lead, n_blocks * ROWS, -1)
+    n = weight.out_features
+    return pack_int4(q[..., :n, :]), scales[..., :n, :]
 
 
 def unpack_q4_rows(weight: Q4Weight, rows: Tensor) -> Tensor:

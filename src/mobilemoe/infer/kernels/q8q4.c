@@ -454,3 +454,252 @@ void attention_decode(const float *q, const float *k_cache, const float *v_cache
         free(p);
     }
 }
+
+/* ---- the whole decode step ------------------------------------------------------------------------------
+ * One token through every layer and the head in one call and one OpenMP parallel region: the threads stay
+ * alive across the step and meet at a barrier only where the next phase needs the last one's output (about
+ * ten per layer). Serial work between the products (norms, RoPE, routing, quantizing an input) is a few
+ * microseconds and runs on one thread. Numbers are the eager engine's: the same kernels and the same order
+ * of the floating-point steps (norm, RoPE, softmax, expert weights, shared expert then routed experts in
+ * ascending id), so they differ from it only by summation order inside a norm or a dot product. */
+typedef struct {
+    const float *attn_norm, *ffn_norm;  /* [D] */
+    Mat qkv, o;                         /* q, k, v rows in one matrix */
+    float *k_cache, *v_cache;           /* [KVH][max_len][hd] fp32 */
+    Mat gate_up, down;                  /* the dense FFN, or the shared expert (gate_up.N == 0: none) */
+    const float *router, *expert_bias;  /* [E][D], [E]; router NULL: a dense layer */
+    Mat expert_gate_up, expert_down;    /* expert 0's matrices; the others follow at equal strides */
+} DecodeLayer;
+
+typedef struct {
+    int n_layers, D, H, KVH, hd, max_len, E, top_k, qk_norm, sigmoid, norm_topk;
+    float eps, route_scale;
+    const float *inv_freq;   /* [hd/2] */
+    Mat embed, head;         /* head.N == 0: the caller applies the head to `hidden` */
+    const float *final_norm;
+    const DecodeLayer *layers;
+} DecodeModel;
+
+static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = w ? x[i] * r * w[i] : x[i] * r;
+}
+
+/* rotate-half RoPE of one head in place (cos/sin over the first half, repeated for the second) */
+static void rope(float *x, const float *cs, const float *sn, int hd) {
+    const int h = hd / 2;
+    for (int i = 0; i < h; i++) {
+        const float a = x[i], b = x[i + h];
+        x[i] = a * cs[i] + -b * sn[i];
+        x[i + h] = b * cs[i] + a * sn[i];
+    }
+}
+
+/* a dot product in 16 partial sums added up as a tree, so the compiler vectorizes it (a plain float sum
+ * must keep its order) */
+static inline __attribute__((always_inline)) float dot16(const float *a, const float *b, const int n) {
+    float part[16] = {0};
+    int d0 = 0;
+    for (; d0 + 16 <= n; d0 += 16)
+        for (int l = 0; l < 16; l++) part[l] += a[d0 + l] * b[d0 + l];
+    for (int w = 8; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) part[l] += part[l + w];
+    float dot = part[0];
+    for (; d0 < n; d0++) dot += a[d0] * b[d0];
+    return dot;
+}
+
+/* one query head over positions 0..len-1 of its kv head; the output accumulates in a local array, which
+ * stays in registers when hd is a constant (attend_head dispatches hd = 64) */
+static inline __attribute__((always_inline)) void attend_head_n(const float *qh, const float *kh, const float *vh,
+                                                                const int hd, int len, float scale, float *p,
+                                                                float *o) {
+    float top = -INFINITY, sum = 0.0f, acc[256] = {0};
+    for (int j = 0; j < len; j++) {
+        p[j] = dot16(qh, kh + (size_t)j * hd, hd) * scale;
+        top = p[j] > top ? p[j] : top;
+    }
+    for (int j = 0; j < len; j++) sum += (p[j] = expf(p[j] - top));
+    const float inv = 1.0f / sum;
+    for (int j = 0; j < len; j++) {
+        const float w = p[j] * inv;
+        for (int d = 0; d < hd; d++) acc[d] += w * vh[(size_t)j * hd + d];
+    }
+    for (int d = 0; d < hd; d++) o[d] = acc[d];
+}
+
+static void attend_head(const float *qh, const float *kh, const float *vh, int hd, int len, float scale, float *p,
+                        float *o) {
+    if (hd == 64) attend_head_n(qh, kh, vh, 64, len, scale, p, o);
+    else attend_head_n(qh, kh, vh, hd, len, scale, p, o);
+}
+
+static void embed_row(const Mat *m, int token, float *out) {
+    const int nb = token / ROWS, r = token % ROWS, K = m->K;
+    const uint8_t *wb = m->w + (size_t)nb * K * 8;
+    const uint16_t *sb = m->s + (size_t)nb * (K / GROUP) * ROWS;
+    for (int c = 0; c < K / 8; c++)
+        for (int j = 0; j < 4; j++) {
+            const uint8_t b = wb[(size_t)c * 64 + r * 4 + j];
+            const float s = half_to_float(sb[(8 * c / GROUP) * ROWS + r]);
+            out[8 * c + j] = (float)((b & 15) - 8) * s;
+            out[8 * c + 4 + j] = (float)((b >> 4) - 8) * s;
+        }
+}
+
+/* rows nb*16 .. nb*16+15 of m times activation row `row` of a into y (+)= coef * (m x) */
+static inline void gemv_block(const Mat *m, int nb, const Acts *a, int row, float *y, const float *coef,
+                              int accumulate) {
+    float *dst[1] = {y};
+    product_tile(m, nb, a, &row, 1, dst, coef, accumulate);
+}
+
+static Mat mat_index(const Mat *m, int index) { return mat_at(m->w, m->s, m->corr, m->N, m->K, index); }
+
+/* hidden [D]: in, the token's embedding when m->embed.N == 0; out, the final-normed hidden state.
+ * logits [head.N]: written when m->head.N > 0. */
+void decode_step(const DecodeModel *m, int token, int pos, float *hidden, float *logits) {
+    const int D = m->D, H = m->H, KVH = m->KVH, hd = m->hd, len = pos + 1, k = m->top_k;
+    int I_max = 1, I_routed = 1;
+    for (int l = 0; l < m->n_layers; l++) {
+        const DecodeLayer *L = &m->layers[l];
+        if (L->gate_up.N / 2 > I_max) I_max = L->gate_up.N / 2;
+        if (L->router) I_routed = L->expert_gate_up.N / 2;
+    }
+    const int qkv_n = m->layers[0].qkv.N;
+    float *x = malloc(sizeof(float) * D), *xn = malloc(sizeof(float) * D), *y = malloc(sizeof(float) * D);
+    float *qkv = malloc(sizeof(float) * qkv_n), *att = malloc(sizeof(float) * H * hd);
+    float *cs = malloc(sizeof(float) * hd), *sn = cs + hd / 2, *p = malloc(sizeof(float) * (size_t)H * len);
+    float *h_shared = malloc(sizeof(float) * 2 * I_max), *h_routed = malloc(sizeof(float) * (k > 0 ? k : 1) * 2 * I_routed);
+    float *scores = malloc(sizeof(float) * (m->E > 0 ? m->E : 1));
+    int *chosen = malloc(sizeof(int) * (k > 0 ? k : 1));
+    float *coef = malloc(sizeof(float) * (k > 0 ? k : 1));
+    Acts ax = acts_new(1, D), aatt = acts_new(1, H * hd), ahs = acts_new(1, I_max);
+    Acts ahr = acts_new(k > 0 ? k : 1, I_routed);
+    for (int i = 0; i < hd / 2; i++) {
+        const float f = (float)pos * m->inv_freq[i];
+        cs[i] = cosf(f);
+        sn[i] = sinf(f);
+    }
+    if (m->embed.N > 0) embed_row(&m->embed, token, x);
+    else memcpy(x, hidden, sizeof(float) * D);  /* the caller looked the token up */
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel
+    for (int l = 0; l < m->n_layers; l++) {
+        const DecodeLayer *L = &m->layers[l];
+        const int shared_blocks = L->gate_up.N / ROWS, has_router = L->router != NULL;
+        const int expert_blocks = has_router ? L->expert_gate_up.N / ROWS : 0, n_routed = has_router ? k : 0;
+#pragma omp single
+        {
+            rms_norm(x, L->attn_norm, D, m->eps, xn);
+            quantize_row(xn, D, &ax, 0);
+        }
+#pragma omp for schedule(static)
+        for (int nb = 0; nb < L->qkv.N / ROWS; nb++) gemv_block(&L->qkv, nb, &ax, 0, qkv, NULL, 0);
+#pragma omp for schedule(static)
+        for (int h = 0; h < H + KVH; h++) {  /* q heads, then k heads (and their v into the cache) */
+            float *v = qkv + (size_t)h * hd;
+            if (m->qk_norm) rms_norm(v, NULL, hd, m->eps, v);
+            rope(v, cs, sn, hd);
+            if (h >= H) {
+                const size_t at = ((size_t)(h - H) * m->max_len + pos) * hd;
+                memcpy(L->k_cache + at, v, sizeof(float) * hd);
+                memcpy(L->v_cache + at, qkv + (size_t)(H + KVH + h - H) * hd, sizeof(float) * hd);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int h = 0; h < H; h++) {
+            const size_t kv = (size_t)(h / (H / KVH)) * m->max_len * hd;
+            attend_head(qkv + (size_t)h * hd, L->k_cache + kv, L->v_cache + kv, hd, len, scale, p + (size_t)h * len,
+                        att + (size_t)h * hd);
+        }
+#pragma omp single
+        quantize_row(att, H * hd, &aatt, 0);
+#pragma omp for schedule(static)
+        for (int nb = 0; nb < D / ROWS; nb++) gemv_block(&L->o, nb, &aatt, 0, y, NULL, 0);
+#pragma omp single
+        {
+            for (int i = 0; i < D; i++) x[i] = x[i] + y[i];
+            rms_norm(x, L->ffn_norm, D, m->eps, xn);
+            quantize_row(xn, D, &ax, 0);
+            if (has_router) {  /* Router.forward: select by score (+ bias for sigmoid), weight by the score */
+                float top = -INFINITY, total = 0.0f;
+                for (int e = 0; e < m->E; e++) {
+                    const float dot = dot16(xn, L->router + (size_t)e * D, D);
+                    scores[e] = dot;
+                    top = dot > top ? dot : top;
+                }
+                for (int e = 0; e < m->E; e++) {
+                    if (m->sigmoid) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
+                    else total += (scores[e] = expf(scores[e] - top));
+                }
+                if (!m->sigmoid)
+                    for (int e = 0; e < m->E; e++) scores[e] /= total;
+                unsigned char taken[1024] = {0};
+                for (int j = 0; j < k; j++) {  /* top-k, ties to the lower id */
+                    int best = -1;
+                    float best_v = -INFINITY;
+                    for (int e = 0; e < m->E; e++) {
+                        const float v = scores[e] + (m->sigmoid ? L->expert_bias[e] : 0.0f);
+                        if (!taken[e] && (best < 0 || v > best_v)) best = e, best_v = v;
+                    }
+                    taken[best] = 1;
+                    chosen[j] = best;
+                }
+                float wsum = 0.0f;
+                for (int j = 0; j < k; j++) wsum += scores[chosen[j]];
+                for (int j = 0; j < k; j++) {
+                    float w = scores[chosen[j]];
+                    if (m->norm_topk) w = w / (wsum > 1e-20f ? wsum : 1e-20f);
+                    coef[j] = w * m->route_scale;
+                }
+                for (int a = 1; a < k; a++)  /* ascending expert id: the eager kernel's order of the sum */
+                    for (int b = a; b > 0 && chosen[b - 1] > chosen[b]; b--) {
+                        const int ti = chosen[b]; chosen[b] = chosen[b - 1]; chosen[b - 1] = ti;
+                        const float tf = coef[b]; coef[b] = coef[b - 1]; coef[b - 1] = tf;
+                    }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int u = 0; u < shared_blocks + n_routed * expert_blocks; u++) {
+            if (u < shared_blocks) {
+                gemv_block(&L->gate_up, u, &ax, 0, h_shared, NULL, 0);
+            } else {
+                const int j = (u - shared_blocks) / expert_blocks, nb = (u - shared_blocks) % expert_blocks;
+                const Mat e = mat_index(&L->expert_gate_up, chosen[j]);
+                gemv_block(&e, nb, &ax, 0, h_routed + (size_t)j * 2 * I_routed, NULL, 0);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int s = 0; s < (shared_blocks > 0) + n_routed; s++) {  /* silu(gate) * up, quantized */
+            const int is_shared = shared_blocks > 0 && s == 0, j = s - (shared_blocks > 0);
+            const int I = is_shared ? shared_blocks * ROWS / 2 : I_routed;
+            float *row = is_shared ? h_shared : h_routed + (size_t)j * 2 * I_routed;
+            for (int i = 0; i < I; i++) row[i] = row[i] / (1.0f + expf(-row[i])) * row[I + i];
+            if (is_shared) quantize_row(row, I, &ahs, 0);
+            else quantize_row(row, I, &ahr, j);
+        }
+#pragma omp for schedule(static)
+        for (int nb = 0; nb < D / ROWS; nb++) {
+            if (shared_blocks > 0) gemv_block(&L->down, nb, &ahs, 0, y, NULL, 0);
+            else memset(y + nb * ROWS, 0, sizeof(float) * ROWS);
+            for (int j = 0; j < n_routed; j++) {
+                const Mat e = mat_index(&L->expert_down, chosen[j]);
+                gemv_block(&e, nb, &ahr, j, y, coef + j, 1);
+            }
+        }
+#pragma omp single
+        for (int i = 0; i < D; i++) x[i] = x[i] + y[i];
+    }
+    rms_norm(x, m->final_norm, D, m->eps, hidden);
+    if (m->head.N > 0) {
+        quantize_row(hidden, D, &ax, 0);
+#pragma omp parallel for schedule(static)
+        for (int nb = 0; nb < m->head.N / ROWS; nb++) gemv_block(&m->head, nb, &ax, 0, logits, NULL, 0);
+    }
+    acts_free(&ax); acts_free(&aatt); acts_free(&ahs); acts_free(&ahr);
+    free(x); free(xn); free(y); free(qkv); free(att); free(cs); free(p); free(h_shared); free(h_routed);
+    free(scores); free(chosen); free(coef);
+}
