@@ -511,6 +511,22 @@ static inline __attribute__((always_inline)) float dot16(const float *a, const f
     return dot;
 }
 
+/* e^x for x <= 0 without a library call, so a loop of them vectorizes: Cephes' expf (range reduction by
+ * ln 2 in two parts, degree-6 polynomial, 2^n from the exponent bits), within ~2e-7 relative of expf */
+static inline float exp_nonpositive(float x) {
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)(x < -87.0f ? 0.0f : n) + 127) << 23};
+    return x < -87.0f ? 0.0f : y * scale.f;
+}
+
 /* one query head over positions 0..len-1 of its kv head; the output accumulates in a local array, which
  * stays in registers when hd is a constant (attend_head dispatches hd = 64) */
 static inline __attribute__((always_inline)) void attend_head_n(const float *qh, const float *kh, const float *vh,
@@ -521,7 +537,8 @@ static inline __attribute__((always_inline)) void attend_head_n(const float *qh,
         p[j] = dot16(qh, kh + (size_t)j * hd, hd) * scale;
         top = p[j] > top ? p[j] : top;
     }
-    for (int j = 0; j < len; j++) sum += (p[j] = expf(p[j] - top));
+    for (int j = 0; j < len; j++) p[j] = exp_nonpositive(p[j] - top);
+    for (int j = 0; j < len; j++) sum += p[j];
     const float inv = 1.0f / sum;
     for (int j = 0; j < len; j++) {
         const float w = p[j] * inv;
