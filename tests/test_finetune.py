@@ -151,7 +151,9 @@ def test_the_qat_output_exports_to_hf_and_gguf_with_equal_greedy_tokens(finetune
     hf = AutoModelForCausalLM.from_pretrained(export_hf(result, tmp_path / "hf"))  # stock, no remote code
     assert type(hf).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
-        assert hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist() == want
+        # eos_token_id=[]: no stop, as our greedy (the export's generation_config stops at the end of turn)
+        assert hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[],
+                           pad_token_id=0)[0, len(prompt):].tolist() == want
     llm = Llama(str(export_gguf(result, tmp_path / "m.gguf", "f32")), n_ctx=64, logits_all=True, verbose=False,
                 n_threads=1)
     try:
