@@ -106,6 +106,12 @@ def test_int4_scheme_8bit_head_and_hqq(tmp_path):
     assert torch.equal(engine.embed(tokens), loaded.model.embed(tokens))
     x = torch.randn(3, model.cfg.d_model)
     torch.testing.assert_close(engine.lm_head(x), x @ loaded.model.embed.weight.T, rtol=1e-4, atol=1e-4)
+    from mobilemoe.infer.generate import generate_tokens
+
+    decoded = list(generate_tokens(engine, [1, 5, 9], 4))  # the C decode step, head and lookup in torch
+    with torch.no_grad():
+        logits = engine(torch.tensor([[1, 5, 9, *decoded[:-1]]])).logits[0, 2:]  # one prefill pass, no cache
+    assert decoded == logits.argmax(-1).tolist()
 
 
 def test_gguf_q4_0_follows_an_8bit_embedding(tmp_path):
