@@ -128,7 +128,7 @@ def evaluate(model: str | Path | LoadedModel | Transformer, tasks: str | Sequenc
             results[task.name] = {"metrics": metrics, "primary": task.primary, "score": metrics[task.primary],
                                   "n": len(todo), "split": task.split}
             if done_dir:
-                done_dir.mkdir(parents=True, exist_ok=True)
+                (_results_dir(done_dir.parent) / "tasks").mkdir(exist_ok=True)
                 atomic_write_text(done_dir / f"{task.name}.json",
                                   json.dumps({"settings": settings, "result": results[task.name]}, indent=2))
     suite = [r["score"] for r in results.values() if r["primary"] in PERCENT_METRICS]
@@ -253,13 +253,18 @@ def model_label(path: str | Path) -> str:
 
 
 def claim_results_dir(out_dir: str | Path, source: str | Path, force: bool = False) -> Path:
-    """Check, before evaluating, that results of `source` may go into `out_dir` (see `write_results`)."""
+    """Check, before evaluating, that results of `source` may go into `out_dir` (see `write_results`); nothing is
+    created yet (a failed evaluation leaves nothing behind)."""
     out = claim_dir(out_dir, "eval-results", force)
     saved = _read_json(out / "results.json")
     previous = saved.get("source") if isinstance(saved, dict) else None
     if previous is not None and Path(previous).resolve() != Path(source).resolve() and not force:
         raise MobileMoEError(f"{out} holds the results of another model ({previous}); nothing was written. Pass "
                              "--out DIR for these results, or --force to replace those.")
+    return out
+
+
+def _results_dir(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     mark_dir(out, "eval-results")
     return out
@@ -267,7 +272,7 @@ def claim_results_dir(out_dir: str | Path, source: str | Path, force: bool = Fal
 
 def write_results(result: dict[str, Any], out_dir: str | Path, force: bool = False) -> list[Path]:
     """results.json and results.md into `out_dir`; results of another model there are replaced only with `force`."""
-    out = claim_results_dir(out_dir, result.get("source", ""), force)
+    out = _results_dir(claim_results_dir(out_dir, result.get("source", ""), force))
     written = []
     for name, text in (("results.json", json.dumps(result, indent=2)), ("results.md", result["table"] + "\n")):
         atomic_write_text(out / name, text)
