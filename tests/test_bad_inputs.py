@@ -162,7 +162,8 @@ def test_bad_recipe_field_is_named(refused, world, tmp_path, change, patterns):
 def test_unknown_key_message_lists_only_user_keys(refused, world, tmp_path):
     recipe = recipe_with(world, tmp_path, lambda r: r.update(base_dir="."))
     err = refused("train", recipe,
-                  patterns=[r"unknown key 'base_dir'; known keys: name, model, stages, data, hub_data, seed, device, "
+                  patterns=[r"unknown key 'base_dir'; known keys: name, model, stages, data, hub_data, tokenizer, "
+                           r"seed, device, "
                            r"precision, compile, activation_checkpointing$"])
     assert err.count("base_dir") == 1
 

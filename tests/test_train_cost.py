@@ -53,10 +53,12 @@ def test_dry_run_on_the_paper_recipes(size, capsys, monkeypatch, tmp_path):
 
 def test_bad_hub_recipes_are_refused():
     recipe = yaml.safe_load((RECIPES / "mobilemoe-s.yaml").read_text())
-    with pytest.raises(ConfigError, match="hub_data.dolma must be a dataset name"):
-        parse_recipe({**recipe, "hub_data": {**recipe["hub_data"], "dolma": "not a name"}})
-    with pytest.raises(ConfigError, match="mixture source 'dolma' is not in hub_data"):
-        parse_recipe({**recipe, "hub_data": {k: v for k, v in recipe["hub_data"].items() if k != "dolma"}})
+    with pytest.raises(ConfigError, match="hub_data.dclm must be a dataset name"):
+        parse_recipe({**recipe, "hub_data": {**recipe["hub_data"], "dclm": "not a name"}})
+    with pytest.raises(ConfigError, match="mixture source 'dclm' is not in hub_data"):
+        parse_recipe({**recipe, "hub_data": {k: v for k, v in recipe["hub_data"].items() if k != "dclm"}})
+    with pytest.raises(ConfigError, match="hub_data needs 'tokenizer'"):
+        parse_recipe({k: v for k, v in recipe.items() if k != "tokenizer"})
     with pytest.raises(ConfigError, match="exactly one of 'data'"):
         parse_recipe({**recipe, "data": "recipes/data/embedded.yaml"})
     with pytest.raises(ConfigError, match="--mfu must be in"):
@@ -65,11 +67,18 @@ def test_bad_hub_recipes_are_refused():
         device_peak("tpu")
 
 
-def test_training_a_hub_recipe_is_refused_clearly(tmp_path, capsys):
+def test_a_paper_recipe_without_the_hub_stops_clearly(tmp_path, capsys, monkeypatch):
+    """Offline, training a paper recipe stops at its tokenizer (or, when that is cached, its first dataset) with one
+    message and writes nothing (tests/test_train_stream.py trains such a recipe from local dataset directories)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit) as exit_:
         main(["train", str(RECIPES / "mobilemoe-s.yaml"), "--out", str(tmp_path / "run")])
     err = " ".join(capsys.readouterr().err.split())
-    assert exit_.value.code != 0 and "training from the hub is not supported" in err
+    assert exit_.value.code != 0
+    assert "could not download the tokenizer of 'meta-llama/Llama-3.2-1B-Instruct'" in err or (
+        "could not open Hugging Face dataset" in err)
     assert not (tmp_path / "run").exists()
 
 

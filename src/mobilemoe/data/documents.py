@@ -151,19 +151,24 @@ def read_path(path: Path, text_field: str = "text") -> Iterator[Document]:
 def read_hf(name: str, config: str | None = None, split: str = "train", text_field: str = "text",
             limit: int | None = None) -> Iterator[Document]:
     """A Hugging Face dataset by name, streamed (needs the hub; nothing is downloaded in full)."""
-    import datasets
-
-    try:
-        stream = datasets.load_dataset(name, config, split=split, streaming=True)
-    except Exception as err:  # datasets raises many types for a missing hub / unknown name
-        raise MobileMoEError(f"could not open Hugging Face dataset '{name}' ({type(err).__name__}: {err}); "
-                             "check the name and your connection, or point the recipe at local files") from None
-    for n, record in enumerate(stream):
+    for n, record in enumerate(open_hf_stream(name, config, split)):
         if limit is not None and n >= limit:
             break
         doc = record_to_document(record, text_field)
         if doc is not None:
             yield doc
+
+
+def open_hf_stream(name: str, config: str | None = None, split: str = "train") -> Any:
+    """`datasets.load_dataset(name, streaming=True)`: an IterableDataset of a hub dataset or a local dataset
+    directory, or one clear MobileMoEError."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as err:  # datasets raises many types for a missing hub / unknown name
+        raise MobileMoEError(f"could not open Hugging Face dataset '{name}' ({type(err).__name__}: {err}); "
+                             "check the name and your connection, or point the recipe at local files") from None
 
 
 def embedded_names() -> list[str]:

@@ -26,13 +26,18 @@ from mobilemoe.errors import MobileMoEError
 IGNORE_INDEX = -100  # targets with this value take no loss (torch cross_entropy's default ignore_index)
 
 
-def _row_arrays(tokens: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def row_arrays(tokens: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) of one row of seq_len + 1 tokens; masked-out targets become IGNORE_INDEX."""
     tokens = tokens.astype(np.int64)
     targets = tokens[1:].copy()
     if mask is not None:
         targets[mask[1:] == 0] = IGNORE_INDEX
     return tokens[:-1], targets
+
+
+def mixture_rows(seed: int, step: int, rows: int, probs: np.ndarray) -> np.ndarray:
+    """The source of each of a step's `rows` global rows, drawn by weight from an RNG keyed by (seed, step)."""
+    return np.random.default_rng([seed, step]).choice(len(probs), size=rows, p=probs)
 
 
 class _SourceStream:
@@ -115,8 +120,7 @@ class PackedBatches:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         global_rows = self.batch_size * self.world_size
-        choice = np.random.default_rng([self.seed, self.step]).choice(len(self.streams), size=global_rows,
-                                                                     p=self.probs)
+        choice = mixture_rows(self.seed, self.step, global_rows, self.probs)
         mine = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         inputs = np.empty((self.batch_size, self.seq_len), dtype=np.int64)
         targets = np.empty_like(inputs)
@@ -124,7 +128,7 @@ class PackedBatches:
             if row in mine:
                 tokens, mask = self.streams[source].read(self.cursors[source], self.seq_len + 1)
                 i = row - mine.start
-                inputs[i], targets[i] = _row_arrays(tokens, mask)
+                inputs[i], targets[i] = row_arrays(tokens, mask)
             self.cursors[source] += self.seq_len
         self.step += 1
         return torch.from_numpy(inputs), torch.from_numpy(targets)
@@ -156,6 +160,6 @@ def iter_eval_batches(shard_dir: str | Path, seq_len: int, batch_size: int,
         for i, start in enumerate(rows):
             stop = min(start + seq_len + 1, shard.n_tokens)
             mask = shard.mask[start:stop] if shard.mask is not None else None
-            x, y = _row_arrays(checked(shard, shard.tokens[start:stop]), mask)
+            x, y = row_arrays(checked(shard, shard.tokens[start:stop]), mask)
             inputs[i, :len(x)], targets[i, :len(y)] = x, y
         yield torch.from_numpy(inputs), torch.from_numpy(targets)

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mobilemoe.config import coerce, from_dict
 from mobilemoe.data import documents as D
 from mobilemoe.data import registry
+from mobilemoe.data.loader import PackedBatches, iter_eval_batches
 from mobilemoe.data.shards import Shard, ShardStats, file_sha256, write_shard
 from mobilemoe.errors import ConfigError, MobileMoEError
 from mobilemoe.io import atomic_dir, cache_root, claim_dir, read_mapping
@@ -182,6 +184,13 @@ def recipe_key(recipe: DataRecipe) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, what: str) -> None:
+    """A clear error when the tokenizer's ids do not all fit the model's embedding."""
+    if tokenizer.vocab_size > model_vocab_size:
+        raise MobileMoEError(f"{what} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                             f"{model_vocab_size}; use a model with a larger vocab_size or a smaller tokenizer")
+
+
 # --- prepared data --------------------------------------------------------------------------------
 class PreparedData:
     """A prepared data directory: tokenizer, manifest and shards."""
@@ -221,11 +230,18 @@ class PreparedData:
         return self.dir / name / split
 
     def check_vocab(self, model_vocab_size: int) -> None:
-        """A clear error when the tokenizer's ids do not all fit the model's embedding."""
-        if self.tokenizer.vocab_size > model_vocab_size:
-            raise MobileMoEError(f"the tokenizer of {self.dir} has {self.tokenizer.vocab_size} tokens but the model's "
-                                 f"vocab_size is {model_vocab_size}; use a model with a larger vocab_size or a "
-                                 "data recipe with a smaller tokenizer")
+        check_vocab(self.tokenizer, model_vocab_size, f"the tokenizer of {self.dir}")
+
+    def train_batches(self, mixture: list[tuple[str, float]], seq_len: int, batch_size: int, seed: int,
+                      rank: int = 0, world_size: int = 1) -> PackedBatches:
+        """Training rows of `mixture` (source name, weight) from the sources' train shards."""
+        return PackedBatches([(self.shard_dir(name, "train"), weight) for name, weight in mixture], seq_len=seq_len,
+                             batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+
+    def eval_batches(self, name: str, seq_len: int, batch_size: int,
+                     max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Held-out rows of source `name` (its val shard, in order)."""
+        return iter_eval_batches(self.shard_dir(name, "val"), seq_len, batch_size, max_batches)
 
     def verify(self) -> None:
         """Re-hash the tokenizer and every shard file (tokens, index, loss mask) against manifest.json and open

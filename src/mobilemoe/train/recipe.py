@@ -4,8 +4,11 @@
     seed: 1234
     model: tiny-moe                      # preset, config path, or {preset: ..., <field>: <override>}
     data: recipes/data/embedded.yaml     # a data recipe; prepared (and cached) on first use
-    # or, instead of `data`, Hugging Face `datasets` names per mixture source (the paper's recipes):
-    # hub_data: {fineweb_edu: HuggingFaceFW/fineweb-edu, finemath: HuggingFaceTB/finemath:finemath-3plus}
+    # or, instead of `data`, Hugging Face `datasets` per mixture source, streamed (the paper's recipes), and
+    # the tokenizer they are tokenized with (a tokenizer.json, a directory with one, or a hub model name):
+    # hub_data: {fineweb_edu: HuggingFaceFW/fineweb-edu, finemath: HuggingFaceTB/finemath:finemath-3plus,
+    #            code: {name: codeparrot/codeparrot-clean, text_field: content}, mine: ./my_jsonl_dir}
+    # tokenizer: meta-llama/Llama-3.2-1B
     device: auto                         # auto | cpu | cuda; and how to compute there (train/runtime.py):
     precision: fp32                      # fp32 | bf16 (fp32 master weights and optimizer state)
     compile: false                       # torch.compile each block
@@ -19,20 +22,18 @@ Each stage starts from the previous stage's final weights (or `init_from`, a che
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from mobilemoe.config import ModelConfig, from_dict, resolve_model_config
+from mobilemoe.data.streaming import HubSource
 from mobilemoe.errors import ConfigError
 from mobilemoe.io import read_mapping
 from mobilemoe.train.runtime import Device, Precision
 
 STAGE_KINDS = ("pretrain", "midtrain", "sft", "qat")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
-# A hub dataset name as `datasets.load_dataset` takes it, optionally with a config: owner/name[:config].
-HUB_DATASET = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
 
 
 @dataclass
@@ -86,7 +87,9 @@ class Recipe:
     model: str | dict[str, Any]  # preset name, config path or mapping; resolved by `model_config()`
     stages: list[StageConfig]
     data: str | None = None  # a data recipe (local files, prepared by `mobilemoe data`)
-    hub_data: dict[str, str] = field(default_factory=dict)  # mixture source -> hub dataset (owner/name[:config])
+    # mixture source -> hub dataset (owner/name[:config], a mapping, or a local dataset directory), streamed
+    hub_data: dict[str, HubSource | str] = field(default_factory=dict)
+    tokenizer: str | None = None  # hub_data: tokenizer.json, a directory with one, or a hub model name
     seed: int = 1234
     device: Device = "auto"
     precision: Precision = "fp32"
@@ -107,10 +110,8 @@ class Recipe:
 
     def data_path(self) -> Path:
         if self.data is None:
-            names = ", ".join(self.hub_data.values())
-            raise ConfigError(f"recipe '{self.name}' names its data as hub datasets ({names}); "
-                              "training from the hub is not supported yet: inspect it with `mobilemoe train "
-                              "RECIPE --dry-run`, or give the recipe a local data recipe as `data:`")
+            raise ConfigError(f"recipe '{self.name}' streams its data from hub datasets (hub_data), which have no "
+                              "prepared data nor held-out split; give the recipe a local data recipe as `data:`")
         path = Path(self.data)
         if path.exists() or path.is_absolute():
             return path
@@ -128,10 +129,11 @@ def parse_recipe(data: dict[str, Any], where: str = "recipe", base_dir: Path = P
     if (recipe.data is None) == (not recipe.hub_data):
         raise ConfigError(f"{where}: give exactly one of 'data' (a data recipe file) and 'hub_data' (mixture source "
                           "-> Hugging Face dataset name)")
-    for source, name in recipe.hub_data.items():
-        if not HUB_DATASET.fullmatch(name):
-            raise ConfigError(f"{where}: hub_data.{source} must be a dataset name 'owner/name' or "
-                              f"'owner/name:config', got {name!r}")
+    recipe.hub_data = {source: HubSource.parse(value, f"{where}: hub_data.{source}", base_dir)
+                       for source, value in recipe.hub_data.items()}
+    if recipe.hub_data and not recipe.tokenizer:
+        raise ConfigError(f"{where}: hub_data needs 'tokenizer' (a tokenizer.json, a directory with one, or a hub "
+                          "model name owner/name) to tokenize the streamed documents")
     if recipe.hub_data:
         for i, stage in enumerate(recipe.stages):
             for source in stage.mixture:

@@ -98,12 +98,9 @@ class StageTrainer:
         self.model = parallel.wrap_model(prepare_model(model, runtime), world, parallel_mode,
                                          bf16=runtime.precision == "bf16")
         self.optimizer = build_optimizer(self.model, stage.lr, (stage.beta1, stage.beta2), stage.weight_decay)
-        from mobilemoe.data import PackedBatches
-
-        sources = [(data.shard_dir(name, "train"), weight) for name, weight in self._mixture()]
         data_seed = recipe.seed + 1000 * stage_index if stage.data_seed is None else stage.data_seed
-        self.batches = PackedBatches(sources, seq_len=stage.seq_len, batch_size=stage.batch_size,
-                                     seed=data_seed, rank=world.rank, world_size=world.size)
+        self.batches = data.train_batches(self._mixture(), seq_len=stage.seq_len, batch_size=stage.batch_size,
+                                          seed=data_seed, rank=world.rank, world_size=world.size)
         self.tokens_per_step = stage.batch_size * stage.seq_len * stage.grad_accum * world.size
         # MFU against the device's peak in the run's precision (train/device_peaks.yaml; None: a GPU not listed)
         self.model_flops_per_token = flops_per_token(self.cfg, stage.seq_len)
@@ -271,9 +268,9 @@ class StageTrainer:
                     val_loss = self.evaluate()
                     if math.isnan(val_loss) and world.is_main and "val_loss" not in warned:
                         warned.add("val_loss")
-                        console.print(f"[yellow]{s.name}: the data has no held-out targets for this mixture (empty "
-                                      "val split; raise val_fraction in the data recipe): val_loss is not measured "
-                                      "and best/ is not written[/]")
+                        console.print(f"[yellow]{s.name}: the data has no held-out targets for this mixture (hub "
+                                      "streams have none; prepared data: raise val_fraction in the data recipe): "
+                                      "val_loss is not measured and best/ is not written[/]")
                     if math.isfinite(val_loss):
                         record["val_loss"] = val_loss
                     if val_loss < self.best_val:
@@ -349,14 +346,13 @@ def _close(a: Any, b: Any) -> bool:
 def heldout_loss(model: torch.nn.Module, data: Any, mixture: list[tuple[str, float]], seq_len: int, batch_size: int,
                  max_batches: int) -> float:
     """Mean next-token loss over the val splits of `mixture`'s sources, weighted like the mixture."""
-    from mobilemoe.data import iter_eval_batches
     from mobilemoe.data.loader import IGNORE_INDEX
 
     total, weights = 0.0, 0.0
     device = next(model.parameters()).device
     for name, weight in mixture:
         losses = [model(x.to(device), y.to(device)).lm_loss.item()
-                  for x, y in iter_eval_batches(data.shard_dir(name, "val"), seq_len, batch_size, max_batches)
+                  for x, y in data.eval_batches(name, seq_len, batch_size, max_batches)
                   if (y != IGNORE_INDEX).any()]  # a batch without targets has no loss (NaN)
         if losses:
             total, weights = total + weight * sum(losses) / len(losses), weights + weight
@@ -432,19 +428,17 @@ def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: s
                       fsdp_mixed_precision=recipe.precision == "bf16" and parallel_mode == "fsdp" and world.distributed)
     if world.is_main:
         console.print(f"training on {runtime.describe()}")
-    from mobilemoe.data import prepare
-
     selected = [recipe.stage(stage)] if stage else recipe.stages  # an unknown --stage fails before any work
     data = None
     if world.is_main:  # prepare once; the other ranks then open the cached result
         claim_dir(out, "run", force)
-        data = prepare(recipe.data_path())  # before the run directory exists: bad data leaves nothing behind
+        data = open_data(recipe)  # before the run directory exists: bad data leaves nothing behind
         out.mkdir(parents=True, exist_ok=True)
         mark_dir(out, "run")
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(_recipe_dict(recipe), sort_keys=False))
     parallel.barrier(world)
     if data is None:
-        data = prepare(recipe.data_path())
+        data = open_data(recipe)
     summary_file = out / "summary.json"
     try:
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {"stages": {}}
@@ -470,6 +464,17 @@ def run_recipe(recipe: Recipe | str | Path | dict, out_dir: str | Path, stage: s
             console.print(f"[bold green]{s.name}[/] done: {result.steps} steps, {result.tokens:,} tokens, {val}, "
                           f"{result.wall_time_s:.0f}s -> {final}")
     return summary
+
+
+def open_data(recipe: Recipe) -> Any:
+    """The recipe's data: its prepared data recipe (built on first use), or its hub datasets, streamed."""
+    if recipe.hub_data:
+        from mobilemoe.data.streaming import HubData
+
+        return HubData(recipe.hub_data, recipe.tokenizer, recipe.base_dir)
+    from mobilemoe.data import prepare
+
+    return prepare(recipe.data_path())
 
 
 def _stage_input(recipe: Recipe, index: int, out: Path) -> Path | None:
@@ -501,5 +506,6 @@ def _stage_input(recipe: Recipe, index: int, out: Path) -> Path | None:
 def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
     d = asdict(recipe)
     d.pop("base_dir")
-    d["data"] = str(recipe.data_path())
+    if recipe.data is not None:
+        d["data"] = str(recipe.data_path())
     return d
