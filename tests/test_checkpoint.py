@@ -78,7 +78,7 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
 def test_int4_scheme_8bit_head_and_hqq(tmp_path):
     """PTQ options: an 8-bit embedding/head (int8 rows) and HQQ scales. The checkpoint, the in-memory PTQ of
     eval --int4 and the engine all compute the same head; HQQ rounds with less error than round to nearest."""
-    from mobilemoe.checkpoint import model_tensors, stored_embedding_bits
+    from mobilemoe.checkpoint import checkpoint_scheme, model_tensors
     from mobilemoe.eval.runner import quantize_weights_int4
     from mobilemoe.infer.engine import Int8Head, build_int4_model
     from mobilemoe.quantize import Int4Scheme
@@ -87,8 +87,8 @@ def test_int4_scheme_8bit_head_and_hqq(tmp_path):
     model = Transformer(get_preset("micro-moe")).eval()
     scheme = Int4Scheme(embedding_bits=8, rounding="hqq")
     save_model(tmp_path / "q", model, int4=True, scheme=scheme)
-    assert stored_embedding_bits(tmp_path / "q") == 8 and stored_embedding_bits(tmp_path / "q") != 4
     loaded = load_model(tmp_path / "q")
+    assert checkpoint_scheme(tmp_path / "q") == loaded.scheme == scheme
     in_memory = Transformer(model.cfg).eval()
     in_memory.load_state_dict(model.state_dict())
     quantize_weights_int4(in_memory, scheme)
@@ -130,3 +130,25 @@ def test_gguf_q4_0_follows_an_8bit_embedding(tmp_path):
         types[bits] = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types[4]["token_embd.weight"] == "Q4_0" and types[8]["token_embd.weight"] == "Q8_0"
     assert types[8]["blk.0.attn_q.weight"] == "Q4_0"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_bytes_follow_the_int4_scheme(tied):
+    """INT4 sizes (`mobilemoe models`, `mobilemoe bench`'s size and bytes per token) count the quantized weights as
+    an INT4 checkpoint stores them: int4 g32 + fp16 scales, and the embedding/head as int8 rows + one fp16 scale
+    per row where the scheme keeps it at 8 bits."""
+    from mobilemoe.checkpoint import model_tensors
+    from mobilemoe.config import resolve_model_config
+    from mobilemoe.infer.bench import active_int4_bytes
+    from mobilemoe.quantize import Int4Scheme, is_quantized_weight, weight_bytes
+
+    model = Transformer(resolve_model_config({"preset": "micro-moe", "tie_embeddings": tied}))
+    quantized = sum(p.numel() for name, p in model.named_parameters() if is_quantized_weight(name, p))
+    size, per_token = {}, {}
+    for bits in (4, 8):
+        scheme = Int4Scheme(embedding_bits=bits)
+        stored = sum(t.numel() * t.element_size() for name, t in model_tensors(model, True, scheme).items()
+                     if name.endswith((".qweight", ".scales")))
+        size[bits], per_token[bits] = weight_bytes(model, scheme=scheme), active_int4_bytes(model.cfg, scheme)
+        assert size[bits] == weight_bytes(model, bits=16) - 2 * quantized + stored
+    assert size[8] > size[4] and per_token[8] - per_token[4] == size[8] - size[4]  # the head is read every token

@@ -360,3 +360,50 @@ def test_pte_of_a_dense_model_with_smollm2s_49k_vocabulary(tmp_path):
     ids = dense.tokenizer.encode(PROMPT)
     runner = PteRunner(export_pte(dense, tmp_path / "m.pte", max_seq_len=32))
     assert runner.greedy(ids, 8) == EagerSteps(quantized_decoder(dense, 32)).greedy(ids, 8)
+
+
+@pytest.mark.parametrize("embedding_bits", [4, 8])
+def test_pte_source_holds_the_checkpoints_integers(loaded, tmp_path, embedding_bits):
+    """The .pte's eager source takes an INT4 checkpoint's own integers and scales (re-quantizing the dequantized
+    weights would move them to a coarser grid) and its embedding width: int8 rows for an 8-bit scheme."""
+    from mobilemoe.checkpoint import read_tensors
+    from mobilemoe.export.pte import quantized_decoder
+    from mobilemoe.infer.engine import int4_format
+    from mobilemoe.quantize import Int4Scheme, unpack_int4
+
+    save_model(tmp_path / "q", loaded.model, loaded.tokenizer, int4=True, scheme=Int4Scheme(embedding_bits))
+    stored = int4_format(loaded.model.cfg, read_tensors(tmp_path / "q" / "model.safetensors")[0])
+    step = quantized_decoder(tmp_path / "q", max_seq_len=16).model
+    table, scales = stored["embed.weight.qweight"], stored["embed.weight.scales"].float()
+    assert table.dtype == (torch.int8 if embedding_bits == 8 else torch.uint8)
+    for module in (step.embed, step.lm_head):
+        assert torch.equal(module.weight.qdata, table if embedding_bits == 8 else unpack_int4(table))
+    assert torch.equal(step.embed.weight.scale, scales)
+    # the head's scales: per row (8 bits) stay fp32 in XNNPACK, per group (4 bits) are rounded to bf16 as it does
+    assert torch.equal(step.lm_head.weight.scale, scales if embedding_bits == 8 else scales.bfloat16().float())
+    q_proj = step.layers[0].attn.q_proj.weight
+    assert torch.equal(q_proj.qdata, unpack_int4(stored["layers.0.attn.q_proj.weight.qweight"]))
+    assert torch.equal(q_proj.scale, stored["layers.0.attn.q_proj.weight.scales"].to(torch.bfloat16).float())
+
+
+@pytest.mark.slow  # two torch.export + XNNPACK lowerings, ~30 s on two shared cores
+def test_pte_follows_an_8bit_embedding(loaded, tmp_path):
+    """A checkpoint whose scheme keeps the embedding/head at 8 bits gives a .pte with an int8 embedding lookup and
+    an 8da8w head that runs in the ExecuTorch runtime with its eager source's logits and greedy tokens."""
+    from mobilemoe.export.pte import EagerSteps, PteRunner, export_pte, pte_kernels, quantized_decoder
+    from mobilemoe.quantize import Int4Scheme
+
+    ids = loaded.tokenizer.encode(PROMPT)
+    paths = {}
+    for bits in (4, 8):
+        save_model(tmp_path / f"e{bits}", loaded.model, loaded.tokenizer, int4=True, scheme=Int4Scheme(bits))
+        paths[bits] = export_pte(tmp_path / f"e{bits}", tmp_path / f"e{bits}.pte", max_seq_len=32)
+    assert "quantized_decomposed::embedding_byte" in pte_kernels(paths[8])[0]
+    assert "quantized_decomposed::embedding_byte" not in pte_kernels(paths[4])[0]
+    assert paths[8].stat().st_size > paths[4].stat().st_size
+    runner, eager = PteRunner(paths[8]), quantized_decoder(tmp_path / "e8", max_seq_len=32)
+    with torch.no_grad():
+        for pos, token in enumerate(ids):
+            want = eager(torch.tensor([[token]]), torch.tensor([pos]))[0, -1]
+            assert max_rel_error(runner.step(token, pos), want) < 2e-2
+    assert PteRunner(paths[8]).greedy(ids, 8) == EagerSteps(eager).greedy(ids, 8)

@@ -15,7 +15,14 @@ from mobilemoe.infer.generate import Sampling, generate_tokens
 from mobilemoe.infer.kernels import q8q4_library, supported_variants
 from mobilemoe.model import Transformer
 from mobilemoe.moe import run_experts
-from mobilemoe.quantize import activation_fake_quantizer, dequantize_int4, prepare_qat, quantize_int4
+from mobilemoe.quantize import (
+    Int4Scheme,
+    activation_fake_quantizer,
+    dequantize,
+    dequantize_int4,
+    prepare_qat,
+    quantize_int4,
+)
 
 
 def _models(preset="micro-moe"):
@@ -42,12 +49,15 @@ def _relative_error(got, want):
     return ((got.float() - want).abs().max() / want.abs().max()).item()
 
 
-def test_engine_computes_what_qat_trained_against():
+@pytest.mark.parametrize("embedding_bits", [4, 8])
+def test_engine_computes_what_qat_trained_against(embedding_bits):
     """Engine logits vs the QAT model's fake-quantized forward (torchao), on a briefly QAT-trained model:
-    at least 10x closer than what the engine computed before 8da4w (exact INT4 weights, bf16 activations)."""
+    at least 10x closer than what the engine computed before 8da4w (exact INT4 weights, bf16 activations).
+    With an 8-bit embedding/head both sides compute the head as weight-only int8."""
     torch.manual_seed(0)
     cfg = get_preset("micro-moe")
-    model = prepare_qat(Transformer(cfg))
+    scheme = Int4Scheme(embedding_bits=embedding_bits)
+    model = prepare_qat(Transformer(cfg), scheme)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(3):
         tokens = torch.randint(0, cfg.vocab_size, (2, 33))
@@ -59,9 +69,9 @@ def test_engine_computes_what_qat_trained_against():
 
     plain = Transformer(cfg)
     plain.load_state_dict(plain_state(model))
-    tensors = model_tensors(plain, int4=True)
+    tensors = model_tensors(plain, int4=True, scheme=scheme)
     dequantized = Transformer(cfg).eval()
-    dequantized.load_state_dict({k: dequantize_int4(tensors[f"{k}.qweight"], tensors[f"{k}.scales"])
+    dequantized.load_state_dict({k: dequantize(tensors[f"{k}.qweight"], tensors[f"{k}.scales"])
                                  if f"{k}.qweight" in tensors else tensors[k] for k in dequantized.state_dict()})
     engine = build_int4_model(cfg, tensors)
     tokens = torch.randint(0, cfg.vocab_size, (1, 48))

@@ -16,7 +16,7 @@ from mobilemoe.config import get_preset
 from mobilemoe.data import PackedBatches
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.model import Transformer
-from mobilemoe.quantize import prepare_qat
+from mobilemoe.quantize import Int4Scheme, prepare_qat
 from mobilemoe.train import run_recipe
 from mobilemoe.train.plots import plot_run
 
@@ -99,25 +99,73 @@ def test_resume_reproduces_the_uninterrupted_run(data_recipe, tmp_path, monkeypa
         assert torch.equal(x, y), name
 
 
-def test_qat_prepare_then_int4_checkpoint_is_what_qat_trained(tmp_path):
+@pytest.mark.parametrize("embedding_bits", [4, 8])
+def test_qat_prepare_then_int4_checkpoint_is_what_qat_trained(tmp_path, embedding_bits):
+    scheme = Int4Scheme(embedding_bits=embedding_bits)
     torch.manual_seed(0)
-    model = prepare_qat(Transformer(get_preset("micro-moe")))
+    model = prepare_qat(Transformer(get_preset("micro-moe")), scheme)
     tokens = torch.randint(0, 4096, (2, 16))
     model(tokens, tokens).loss.backward()
     assert model.layers[0].ffn.parametrizations.gate_up_proj.original.grad.abs().sum() > 0
     assert model.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.embed.parametrizations.weight.original.grad.abs().sum() > 0
     from mobilemoe.train.trainer import plain_state
 
     plain = Transformer(get_preset("micro-moe"))
     plain.load_state_dict(plain_state(model))
-    save_model(tmp_path / "q", plain, int4=True)
-    loaded = load_model(tmp_path / "q").model
+    save_model(tmp_path / "q", plain, int4=True, scheme=scheme)
+    loaded = load_model(tmp_path / "q")
+    assert loaded.scheme == scheme
     expert = model.layers[0].ffn.gate_up_proj  # the fake-quantized view QAT trains through
-    assert torch.equal(loaded.layers[0].ffn.gate_up_proj, expert.detach())
-    assert torch.equal(loaded.embed.weight, model.embed.weight.detach())
+    assert torch.equal(loaded.model.layers[0].ffn.gate_up_proj, expert.detach())
+    assert torch.equal(loaded.model.embed.weight, model.embed.weight.detach())  # int4 g32 or int8 rows, both exact
     with torch.no_grad():
-        qat_logits, int4_logits = model(tokens).logits, loaded(tokens).logits
+        qat_logits, int4_logits = model(tokens).logits, loaded.model(tokens).logits
     assert (qat_logits - int4_logits).abs().max() < 0.05 * qat_logits.abs().max()  # int8 activations differ
+
+
+def test_qat_stage_with_an_8bit_embedding(data_recipe, tmp_path):
+    """A recipe's QAT stage with `embedding_bits: 8`: its INT4 output keeps the embedding/head as int8 rows, its
+    float checkpoints record the scheme (so `--int4` on them applies it), and the INT4 model computes what the
+    fake-quantized QAT model computes."""
+    from mobilemoe.checkpoint import read_tensors
+
+    stage = _stage("qat", "qat", {"chat": 1.0}, steps=2, eval_every=2, embedding_bits=8)
+    run_recipe(_recipe(data_recipe, [stage]), tmp_path / "run")
+    final, best = load_model(tmp_path / "run" / "qat" / "final"), load_model(tmp_path / "run" / "qat" / "best")
+    assert final.int4 and not best.int4 and final.scheme == best.scheme == Int4Scheme(embedding_bits=8)
+    assert read_tensors(tmp_path / "run" / "qat" / "final" / "model.safetensors")[0][
+        "embed.weight.qweight"].dtype == torch.int8
+    qat = prepare_qat(best.model, best.scheme).eval()  # best/ holds the last step's latent weights
+    assert torch.equal(final.model.embed.weight, qat.embed.weight.detach())
+    tokens = torch.randint(0, final.model.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        qat_logits, int4_logits = qat(tokens).logits, final.model(tokens).logits
+    assert (qat_logits - int4_logits).abs().max() < 0.05 * qat_logits.abs().max()
+
+
+@pytest.mark.parametrize("stage, pattern", [
+    ({"kind": "qat", "rounding": "hqq"}, r"HQQ rounding is a post-training \(PTQ\) choice"),
+    ({"kind": "sft", "embedding_bits": 8}, r"field 'embedding_bits' sets the INT4 scheme a qat stage trains against"),
+    ({"kind": "qat", "embedding_bits": 6}, r"field 'embedding_bits' must be one of 4, 8, got 6"),
+], ids=["qat-hqq", "sft-bits", "bits-6"])
+def test_qat_scheme_of_a_recipe_is_checked(data_recipe, stage, pattern):
+    from mobilemoe.train.recipe import parse_recipe
+
+    with pytest.raises(MobileMoEError, match=pattern):
+        parse_recipe(_recipe(data_recipe, [_stage("s", stage.pop("kind"), {"chat": 1.0}, **stage)]))
+
+
+def test_train_flags_set_the_qat_scheme(data_recipe):
+    from mobilemoe.train.recipe import parse_recipe, with_qat_scheme
+
+    stages = [_stage("sft", "sft", {"chat": 1.0}), _stage("qat", "qat", {"chat": 1.0})]
+    recipe = parse_recipe(_recipe(data_recipe, stages))
+    assert [s.embedding_bits for s in with_qat_scheme(recipe, 8, None).stages] == [4, 8]
+    with pytest.raises(MobileMoEError, match="HQQ rounding is a post-training"):
+        with_qat_scheme(recipe, None, "hqq")
+    with pytest.raises(MobileMoEError, match="recipe 't' has no qat stage"):
+        with_qat_scheme(parse_recipe(_recipe(data_recipe, [_stage("sft", "sft", {"chat": 1.0})])), 8, None)
 
 
 def test_nan_loss_stops_and_names_the_step(data_recipe, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 
 def number(kind: type = int, low: float | None = None, high: float | None = None, low_open: bool = False,
@@ -71,16 +72,22 @@ def non_empty(text: str) -> str:
 
 def add_int4_scheme_arguments(parser: argparse.ArgumentParser) -> None:
     """--embedding-bits and --rounding: how `--int4` quantizes a float checkpoint (`quantize.Int4Scheme`)."""
-    parser.add_argument("--embedding-bits", type=int, choices=(4, 8), default=4,
-                        help="with --int4 on float weights: bits of the tied embedding/head (4: the paper's format, "
-                             "default; 8: int8 per row, as llama.cpp keeps it — less loss on pretrained models)")
-    parser.add_argument("--rounding", choices=("rtn", "hqq"), default="rtn",
-                        help="with --int4 on float weights: round to nearest (the paper's, what QAT trains against; "
-                             "default) or torchao's HQQ scale fit (less loss on pretrained models)")
+    parser.add_argument("--embedding-bits", type=int, choices=(4, 8),
+                        help="with --int4 on float weights: bits of the tied embedding/head (4: the paper's format; "
+                             "8: int8 per row, as llama.cpp keeps it — less loss on pretrained models). Default: the "
+                             "scheme the checkpoint records (a QAT stage's), else 4")
+    parser.add_argument("--rounding", choices=("rtn", "hqq"),
+                        help="with --int4 on float weights: round to nearest (the paper's, what QAT trains against) "
+                             "or torchao's HQQ scale fit (less loss on pretrained models). Default: the checkpoint's, "
+                             "else rtn")
 
 
-def int4_scheme(args: argparse.Namespace):
-    """The `quantize.Int4Scheme` of parsed --embedding-bits/--rounding."""
-    from mobilemoe.quantize import Int4Scheme
+def int4_scheme(args: argparse.Namespace, checkpoint: str | Path | None = None):
+    """The `quantize.Int4Scheme` of parsed --embedding-bits/--rounding; what they leave out comes from the scheme
+    `checkpoint` records (`checkpoint.checkpoint_scheme`), else the paper's."""
+    from mobilemoe.checkpoint import checkpoint_scheme
+    from mobilemoe.quantize import PAPER_SCHEME, Int4Scheme
 
-    return Int4Scheme(args.embedding_bits, args.rounding)
+    recorded = PAPER_SCHEME if checkpoint is None else checkpoint_scheme(checkpoint)
+    return Int4Scheme(recorded.embedding_bits if args.embedding_bits is None else args.embedding_bits,
+                      recorded.rounding if args.rounding is None else args.rounding)

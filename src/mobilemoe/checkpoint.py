@@ -5,12 +5,15 @@ output) hold the INT4 format (`quantize.py`: symmetric int4 g32, fp16 scales; in
 `<name>.scales`), stored in the inference engine's kernel layout (`infer.engine.stored_layout`) so the
 engine maps it with no repack — except an embedding/head kept at 8 bits (`quantize.Int4Scheme`), stored as
 int8 `qweight` with one fp16 scale per row; everything else as float; safetensors metadata
-`quantization = int4-g32-sym` tells them apart. Directories are written to a temporary sibling and
-renamed, so a crash never leaves half a checkpoint. Nothing is ever unpickled.
+`quantization = int4-g32-sym` tells them apart, and `int4_scheme` (JSON of `quantize.Int4Scheme`) records how
+INT4 weights were quantized or, on a QAT stage's float checkpoints, what the weights were trained against, so
+`--int4`, the engine and every export apply the same scheme without flags. Directories are written to a
+temporary sibling and renamed, so a crash never leaves half a checkpoint. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     int4: bool  # weights came from an INT4 checkpoint (dequantized into `model`)
     path: Path
+    scheme: Int4Scheme = PAPER_SCHEME  # the checkpoint's INT4 scheme (`checkpoint_scheme`)
 
 
 def model_tensors(model: Transformer, int4: bool, scheme: Int4Scheme = PAPER_SCHEME) -> dict[str, torch.Tensor]:
@@ -51,17 +55,21 @@ def model_tensors(model: Transformer, int4: bool, scheme: Int4Scheme = PAPER_SCH
 
 
 def write_model_files(directory: Path, model: Transformer, tokenizer: Tokenizer | None = None, int4: bool = False,
-                      tensors: dict[str, torch.Tensor] | None = None, scheme: Int4Scheme = PAPER_SCHEME) -> None:
+                      tensors: dict[str, torch.Tensor] | None = None, scheme: Int4Scheme | None = None) -> None:
     """config.json, model.safetensors and tokenizer.json into an existing directory. `tensors` overrides
-    `model_tensors(model, int4, scheme)` (e.g. a full state dict gathered from sharded training)."""
+    `model_tensors(model, int4, scheme)` (e.g. a full state dict gathered from sharded training). `scheme`:
+    with `int4`, how the weights are quantized (default the paper's); with float weights, the scheme they were
+    trained against (a QAT stage's), recorded so that `--int4` quantizes them the same way."""
     if tensors is None:
-        tensors = model_tensors(model, int4, scheme)
+        tensors = model_tensors(model, int4, scheme or PAPER_SCHEME)
     if int4:
         from mobilemoe.infer.engine import stored_layout
 
         tensors = stored_layout(model.cfg, tensors)
-    save_file(tensors, directory / "model.safetensors",
-              metadata={"format": "mobilemoe", "quantization": INT4_FORMAT if int4 else "none"})
+    metadata = {"format": "mobilemoe", "quantization": INT4_FORMAT if int4 else "none"}
+    if int4 or scheme is not None:
+        metadata["int4_scheme"] = json.dumps(dataclasses.asdict(scheme or PAPER_SCHEME))
+    save_file(tensors, directory / "model.safetensors", metadata=metadata)
     (directory / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer.json")
@@ -69,8 +77,9 @@ def write_model_files(directory: Path, model: Transformer, tokenizer: Tokenizer 
 
 def save_model(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, int4: bool = False,
                tensors: dict[str, torch.Tensor] | None = None, force: bool = False,
-               scheme: Int4Scheme = PAPER_SCHEME) -> Path:
-    """Write a checkpoint directory atomically (`int4`: PTQ as `scheme` says). An existing directory is replaced
+               scheme: Int4Scheme | None = None) -> Path:
+    """Write a checkpoint directory atomically (`int4`: PTQ as `scheme` says; `scheme` with float weights: see
+    `write_model_files`). An existing directory is replaced
     only if it is a checkpoint we wrote (or `force`): see `io.claim_dir`."""
     with atomic_dir(directory, "checkpoint", force) as tmp:
         write_model_files(tmp, model, tokenizer, int4, tensors, scheme)
@@ -99,14 +108,26 @@ def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise MobileMoEError(f"{file} is missing or corrupt ({err}); re-export or re-train it") from None
 
 
-def stored_embedding_bits(directory: str | Path) -> int:
-    """8 if the checkpoint's INT4 weights keep the embedding at 8 bits (int8 rows), else 4 (float weights too)."""
+def checkpoint_scheme(directory: str | Path) -> Int4Scheme:
+    """The INT4 scheme a checkpoint records (see module docstring); the paper's where it records none (float
+    weights, or a missing file: the loader reports those)."""
     try:
         with safe_open(str(Path(directory) / "model.safetensors"), framework="pt") as f:
-            stored = "embed.weight.qweight" in f.keys()  # noqa: SIM118
-            return 8 if stored and f.get_slice("embed.weight.qweight").get_dtype() == "I8" else 4
+            int8_embedding = "embed.weight.qweight" in f.keys() and (  # noqa: SIM118
+                f.get_slice("embed.weight.qweight").get_dtype() == "I8")
+            return _recorded_scheme(f.metadata() or {}, Path(directory), int8_embedding)
     except (SafetensorError, OSError):
-        return 4
+        return PAPER_SCHEME
+
+
+def _recorded_scheme(meta: dict[str, str], directory: Path, int8_embedding: bool) -> Int4Scheme:
+    if "int4_scheme" not in meta:  # written before schemes were recorded: the embedding's stored type says it
+        return Int4Scheme(embedding_bits=8) if int8_embedding else PAPER_SCHEME
+    try:
+        return Int4Scheme(**json.loads(meta["int4_scheme"]))
+    except (ValueError, TypeError, MobileMoEError):
+        raise MobileMoEError(f"{directory}/model.safetensors records an unreadable INT4 scheme "
+                             f"({meta['int4_scheme']!r}); re-export or re-train it") from None
 
 
 def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -115,6 +136,8 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
     cfg = load_config(directory)
     tensors, meta = read_tensors(directory / "model.safetensors")
     int4 = meta.get("quantization") == INT4_FORMAT
+    stored_embedding = tensors.get("embed.weight.qweight")
+    scheme = _recorded_scheme(meta, directory, stored_embedding is not None and stored_embedding.dtype == torch.int8)
     if int4:
         from mobilemoe.infer.engine import int4_format
 
@@ -136,4 +159,4 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
     model.load_state_dict(tensors)
     tok_file = directory / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
-    return LoadedModel(model.to(dtype).eval(), tokenizer, int4, directory)
+    return LoadedModel(model.to(dtype).eval(), tokenizer, int4, directory, scheme)

@@ -3,11 +3,13 @@
 Quantized: attention q/k/v/o, dense and shared FFNs, every routed expert, the (tied) embedding.
 Kept in high precision: the router and expert bias (fp32), norms (16-bit).
 
-`Int4Scheme` says how post-training quantization (PTQ) of a float model fills that format. The default is the
-paper's: every matrix, the embedding/head included, INT4 by round to nearest — what QAT trains against, so a
-QAT model must be converted this way. For PTQ of a pretrained model two options cut the loss: the tied
-embedding/head at 8 bits (int8 per row, as llama.cpp and ExecuTorch keep it) and torchao's HQQ scale fit
-instead of round to nearest (same format, the scales chosen to minimise the rounding error).
+`Int4Scheme` says how a float model fills that format. The default is the paper's: every matrix, the
+embedding/head included, INT4 by round to nearest. Two options cut the loss of PTQ on a pretrained model: the
+tied embedding/head at 8 bits (int8 per row, as llama.cpp and ExecuTorch keep it) and torchao's HQQ scale fit
+instead of round to nearest (same format, the scales chosen to minimise the rounding error). QAT trains against
+either embedding width (`prepare_qat(model, scheme)`); HQQ is post-training only. Checkpoints record their
+scheme (`checkpoint.checkpoint_scheme`), so every room (PTQ at load, the engine, GGUF, .pte, sizes) reads it
+the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ INT4_BYTES_PER_PARAM = 0.5 + 2 / GROUP_SIZE  # 4-bit values + one fp16 scale per
 
 @dataclass(frozen=True)
 class Int4Scheme:
-    """How PTQ quantizes a float model. Defaults: the paper's format (and what QAT trains against)."""
+    """How a float model is quantized to the INT4 format (PTQ, or what QAT trains against). Defaults: the paper's."""
 
     embedding_bits: Literal[4, 8] = 4  # 8: the tied embedding/head as int8 per row (fp16 scales)
     rounding: Literal["rtn", "hqq"] = "rtn"  # hqq: torchao's HQQ scale-only fit of the INT4 scales
@@ -35,6 +37,15 @@ class Int4Scheme:
         if self.embedding_bits not in (4, 8) or self.rounding not in ("rtn", "hqq"):
             raise MobileMoEError(f"INT4 scheme: embedding bits must be 4 or 8 and rounding rtn or hqq, not "
                                  f"{self.embedding_bits} / {self.rounding}")
+
+    def check_trainable(self, where: str = "QAT") -> None:
+        """QAT trains the weights against round to nearest; HQQ fits scales to weights already trained."""
+        if self.rounding != "rtn":
+            raise MobileMoEError(f"{where}: HQQ rounding is a post-training (PTQ) choice: it fits the INT4 scales to "
+                                 "weights that are already trained, while QAT trains the weights against round to "
+                                 "nearest (what its fake quantizer computes and the QAT checkpoint stores). Drop "
+                                 "the rounding setting from training (the QAT stage may set embedding_bits: 8); use "
+                                 "`--int4 --rounding hqq` on eval/chat/generate/serve of a float checkpoint")
 
     @property
     def suffix(self) -> str:
@@ -52,12 +63,16 @@ def is_quantized_weight(name: str, param: nn.Parameter) -> bool:
     return param.dim() >= 2 and ".router." not in name
 
 
-def weight_bytes(model: nn.Module, bits: int = 4, group_size: int = GROUP_SIZE) -> int:
-    """Bytes of the weights on device: quantized tensors at `bits` plus one fp16 scale per group;
-    router and expert bias in fp32; everything else in 16 bits. bits=16 gives the bf16 size."""
+def weight_bytes(model: nn.Module, bits: int = 4, group_size: int = GROUP_SIZE,
+                 scheme: Int4Scheme = PAPER_SCHEME) -> int:
+    """Bytes of the weights on device: quantized tensors at `bits` plus one fp16 scale per group (the
+    embedding/head at 8 bits with one fp16 scale per row where `scheme` keeps it so); router and expert bias in
+    fp32; everything else in 16 bits. bits=16 gives the bf16 size."""
     total = 0
     for name, p in model.named_parameters():
-        if bits < 16 and is_quantized_weight(name, p):
+        if bits < 16 and scheme.embedding_bits == 8 and name in HEAD_WEIGHTS:
+            total += p.numel() + p.shape[0] * 2
+        elif bits < 16 and is_quantized_weight(name, p):
             total += p.numel() * bits // 8 + p.numel() // group_size * 2
         else:
             total += p.numel() * (4 if ".router." in name else 2)
@@ -146,6 +161,13 @@ def _fake_quant_configs():
     return weight, activation
 
 
+def _int8_rows_config():
+    """Symmetric int8 per row, fp16 scales: the numbers `quantize_int8_rows` stores (the 8-bit embedding/head)."""
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    return IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True, scale_precision=torch.float16)
+
+
 def activation_fake_quantizer() -> nn.Module:
     """torchao's int8 dynamic per-token asymmetric fake quantizer: what QAT trains against and the engine's
     kernels compute (infer/kernels/q8q4.c)."""
@@ -155,32 +177,35 @@ def activation_fake_quantizer() -> nn.Module:
 
 
 class FakeQuantizedWeight(nn.Module):
-    """Parametrization that fake-quantizes a weight of any rank with torchao's IntxFakeQuantizer.
+    """Parametrization that fake-quantizes a weight of any rank with torchao's IntxFakeQuantizer (default: int4
+    g32; `int8_rows`: int8 per row, the 8-bit embedding/head).
 
     torchao's `quantize_` handles nn.Linear only and its quantizer takes 2-D input, so stacked expert
     weights [E, out, in] and the (tied) embedding go through this wrapper: view as [-1, in], fake-quantize
-    per group of 32 inputs, view back. Gradients pass straight through (torchao's STE).
+    per group of 32 inputs (or per row), view back. Gradients pass straight through (torchao's STE).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, int8_rows: bool = False) -> None:
         super().__init__()
         from torchao.quantization.qat import IntxFakeQuantizer
 
-        self.fake_quantizer = IntxFakeQuantizer(_fake_quant_configs()[0])
+        self.fake_quantizer = IntxFakeQuantizer(_int8_rows_config() if int8_rows else _fake_quant_configs()[0])
 
     def forward(self, weight: Tensor) -> Tensor:
         return self.fake_quantizer(weight.reshape(-1, weight.shape[-1])).reshape(weight.shape)
 
 
-def prepare_qat(model: nn.Module) -> nn.Module:
-    """Fake-quantize everything the INT4 format quantizes (see module docstring), in place.
+def prepare_qat(model: nn.Module, scheme: Int4Scheme = PAPER_SCHEME) -> nn.Module:
+    """Fake-quantize everything the INT4 format quantizes (see module docstring) as `scheme` says, in place.
 
     Linears (attention, dense and shared FFNs): torchao QAT with int4 g32 weights and int8 dynamic
     per-token activations (8da4w, the phone runtime's scheme). Stacked routed experts and the tied
     embedding (used for lookup and for the logits): int4 g32 weights via `FakeQuantizedWeight`, and
     their inputs fake-quantized like the linears' (the experts' dispatch quantizes x and the SwiGLU
     hidden per token; a hook on the final norm quantizes what the tied head multiplies), so QAT trains
-    against exactly what the engine's 8da4w kernels compute. The router stays in full precision.
+    against exactly what the engine's 8da4w kernels compute. With `scheme.embedding_bits` 8 the embedding
+    and head are fake-quantized as int8 rows and the head's input stays float: the engine's 8-bit head is a
+    weight-only int8 product (`infer.engine.Int8Head`). The router stays in full precision.
     """
     from functools import partial
 
@@ -188,22 +213,28 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
+    scheme.check_trainable()
+    int8_head = scheme.embedding_bits == 8
     weight, activation = _fake_quant_configs()
     quantize_(model, QATConfig(activation_config=activation, weight_config=weight, step="prepare"),
-              filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and not fqn.endswith("router"))
+              filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and not fqn.endswith("router")
+              and not (int8_head and f"{fqn}.weight" in HEAD_WEIGHTS))
     for name, param in list(model.named_parameters()):
-        if param.dim() >= 2 and is_quantized_weight(name, param) and name.endswith(("gate_up_proj", "down_proj",
-                                                                                      "embed.weight")):
-            owner, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
-            if not isinstance(owner, nn.Linear) and not parametrize.is_parametrized(owner, attr):
-                parametrize.register_parametrization(owner, attr, FakeQuantizedWeight())
+        owner_name, attr = name.rsplit(".", 1)
+        owner = model.get_submodule(owner_name)
+        int8_rows = int8_head and name in HEAD_WEIGHTS  # an untied lm_head was left out of quantize_ above
+        stacked_or_table = name.endswith(("gate_up_proj", "down_proj", "embed.weight")) and not isinstance(
+            owner, nn.Linear)
+        if (int8_rows or stacked_or_table) and is_quantized_weight(name, param) and not parametrize.is_parametrized(
+                owner, attr):
+            parametrize.register_parametrization(owner, attr, FakeQuantizedWeight(int8_rows))
     from mobilemoe.model import MoE, Transformer
     from mobilemoe.moe import run_experts
 
     for module in model.modules():
         if isinstance(module, MoE):
             module.dispatch = partial(run_experts, quantize_activation=activation_fake_quantizer())
-        if isinstance(module, Transformer) and module.lm_head is None:
+        if isinstance(module, Transformer) and module.lm_head is None and not int8_head:
             head_input = activation_fake_quantizer()
             module.norm.register_forward_hook(lambda _module, _args, out, fq=head_input: fq(out))
     return model

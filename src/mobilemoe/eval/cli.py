@@ -61,10 +61,10 @@ def _eval(args: argparse.Namespace) -> None:
 
         # Claimed before the (long) evaluation, not after; finished tasks are kept there as they complete,
         # so the same command continues an interrupted run.
-        out = claim_results_dir(_out_dir(args, result_label(args.model, args.int4, int4_scheme(args))), args.model,
-                                args.force)
+        scheme = int4_scheme(args, args.model)
+        out = claim_results_dir(_out_dir(args, result_label(args.model, args.int4, scheme)), args.model, args.force)
         result = evaluate(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size,
-                          tokenizer=args.tokenizer, int4=args.int4, scheme=int4_scheme(args), resume_dir=out)
+                          tokenizer=args.tokenizer, int4=args.int4, scheme=scheme, resume_dir=out)
         console.print(result["table"], markup=False)
         for path in write_results(result, out, force=args.force):
             console.print(f"wrote {path}")

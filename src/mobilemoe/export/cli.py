@@ -26,7 +26,8 @@ def _export(args: argparse.Namespace) -> None:
     else:
         from mobilemoe.export.pte import export_pte
 
-        out = export_pte(args.checkpoint, args.output, max_seq_len=args.max_seq_len, quantize=not args.f32)
+        out = export_pte(args.checkpoint, args.output, max_seq_len=args.max_seq_len, quantize=not args.f32,
+                         embedding_bits=args.embedding_bits)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
     console.print(f"wrote {out} ({human_bytes(size)})")
 
@@ -59,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output directory (hf) or file (gguf, pte)")
     p.add_argument("--quant", default="q8_0", choices=["q4_0", "q8_0", "f16", "f32"], help="GGUF weight type")
     p.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None, help="gguf q4_0: 8 writes the "
-                   "embedding/output matrix as q8_0 (default: as the checkpoint keeps it; 4 for float weights)")
+                   "embedding/output matrix as q8_0; pte: 8 makes them int8 rows (an 8da8w head), 4 INT4 g32 "
+                   "(default: the checkpoint's INT4 scheme; 4 for float weights that record none)")
     p.add_argument("--max-seq-len", type=positive_int, default=256, help="pte: static KV-cache length")
     p.add_argument("--f32", action="store_true", help="pte: float32 linears and embedding instead of 8da4w "
                    "(4x larger; computes what the float model computes)")

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobilemoe.checkpoint import LoadedModel, stored_embedding_bits
+from mobilemoe.checkpoint import LoadedModel
 from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.export import as_loaded
@@ -80,7 +80,7 @@ def export_gguf(source: str | Path | LoadedModel, path: str | Path, quant: str =
     """Write a llama.cpp GGUF of a checkpoint directory or loaded model; `quant` in q4_0|q8_0|f16|f32.
 
     With q4_0, `embedding_bits` 8 writes the embedding/output matrix as q8_0 (as llama.cpp's own quantizer
-    keeps it high); None follows the checkpoint (8 if its INT4 weights keep the embedding at 8 bits).
+    keeps it high); None follows the checkpoint's INT4 scheme (`checkpoint.checkpoint_scheme`).
 
     Written to a temporary file and renamed, so a failure leaves no partial file.
     """
@@ -102,7 +102,7 @@ def export_gguf(source: str | Path | LoadedModel, path: str | Path, quant: str =
         _write_hparams(writer, cfg, arch, quant)
         _write_tokenizer(writer, tokenizer, cfg.vocab_size)
         if embedding_bits is None:
-            embedding_bits = stored_embedding_bits(source) if isinstance(source, str | Path) else 4
+            embedding_bits = loaded.scheme.embedding_bits
         for name, tensor in _gguf_tensors(loaded.model, arch):
             head = name in ("token_embd.weight", "output.weight") and quant == "q4_0" and embedding_bits == 8
             _add_tensor(writer, name, tensor, "q8_0" if head else quant)

@@ -8,6 +8,14 @@ PerGroup(32))`. The router and selection bias stay fp32 (as in our INT4 format).
 group scales in bf16, so `quantized_decoder` rounds them to bf16 as well: the eager module is the .pte's exact
 reference (SmolLM2-135M, first decode step: logits rel. error 3.7e-2 -> 1.6e-5).
 
+The program follows the checkpoint's `quantize.Int4Scheme`: with an 8-bit embedding/head the embedding is
+`IntxWeightOnlyConfig(int8, PerAxis(0))` (ExecuTorch's `quantized_decomposed::embedding_byte`) and the head
+`Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0))`, 8da8w on XNNPACK (per-row scales kept in fp32). Our
+engine runs that head weight-only (float input); a weight-only int8 linear lowered by ExecuTorch 1.5.1's XNNPACK
+partitioner gave logits off by ~2500x relative in its runtime (tiny model, measured), so the head's input is
+rounded to int8 per token here, as every other linear's is. Every quantized weight takes the checkpoint's own
+integers and scales (`Int4Values`), not a re-quantization of their dequantized values.
+
 Routed experts (MoE layers) run in ExecuTorch's fused MoE op `llama::quantized_moe_ffn` (registered by
 `executorch.extension.llm.custom_ops.custom_ops`): router GEMM, sigmoid (+ selection bias) or softmax top-k,
 weight renormalisation and route scale, and the INT4 g32 SwiGLU experts of the selected experts, in one call.
@@ -25,6 +33,8 @@ is also what `FusedInt4Experts` computes in eager (same library), with fp32 acti
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,18 +47,42 @@ from mobilemoe.export import as_loaded
 from mobilemoe.export.et_moe_pack import pack_experts
 from mobilemoe.io import atomic_file
 from mobilemoe.model import MoE, Transformer
-from mobilemoe.quantize import GROUP_SIZE, quantize_int4
+from mobilemoe.quantize import GROUP_SIZE, HEAD_WEIGHTS, Int4Scheme, quantize_int4, quantize_weight, unpack_int4
+
+WeightValues = Callable[[str], tuple[Tensor, Tensor]]  # weight name -> (qweight, scales) in our INT4 format
+
+
+class Int4Values:
+    """(qweight, scales) of each weight of a model in our INT4 format under `scheme`: the ones an INT4 checkpoint
+    stores, else those `quantize_weight` gives its float weights. Why not re-quantize an INT4 checkpoint's
+    dequantized weights: a symmetric scale is max|w| / 7.5 (int8 rows: / 127.5), so a group holding -8 gets a
+    coarser grid the second time and the integers QAT trained against are lost."""
+
+    def __init__(self, loaded: LoadedModel, scheme: Int4Scheme):
+        self.model, self.scheme, self.stored = loaded.model, scheme, {}
+        if loaded.int4 and (Path(loaded.path) / "model.safetensors").is_file():
+            from mobilemoe.checkpoint import read_tensors
+            from mobilemoe.infer.engine import int4_format
+
+            self.stored = int4_format(loaded.model.cfg, read_tensors(Path(loaded.path) / "model.safetensors")[0])
+
+    def __call__(self, name: str) -> tuple[Tensor, Tensor]:
+        stored = self.stored.get(f"{name}.qweight")
+        int8_rows = self.scheme.embedding_bits == 8 and name in HEAD_WEIGHTS
+        if stored is not None and (stored.dtype == torch.int8) == int8_rows:  # else another embedding width asked
+            return stored, self.stored[f"{name}.scales"]
+        return quantize_weight(name, self.model.get_parameter(name), self.scheme)
 
 
 class GatheredInt4Experts(nn.Module):
     """The model's own `Router` + only the selected experts, from INT4 stacked weights, in ops ExecuTorch runs."""
 
-    def __init__(self, moe: MoE):
+    def __init__(self, moe: MoE, values: WeightValues | None = None):
         super().__init__()
         self.top_k, self.expert_size = moe.cfg.top_k, moe.cfg.expert_size
         self.router = copy.deepcopy(moe.router).float()
         for name in ("gate_up_proj", "down_proj"):
-            packed, scales = quantize_int4(getattr(moe, name).detach())
+            packed, scales = _expert_values(moe, name, values)
             self.register_buffer(f"{name}_packed", packed)
             self.register_buffer(f"{name}_scales", scales.float())
         self.shared_expert = copy.deepcopy(moe.shared_expert)
@@ -83,6 +117,12 @@ class GatheredInt4Experts(nn.Module):
         return y.reshape(shape)
 
 
+def _expert_values(moe: MoE, name: str, values: WeightValues | None) -> tuple[Tensor, Tensor]:
+    """The INT4 stacked expert weights `name` of `moe`: from `values` (keyed by the attribute name), else rounded
+    from its float weights."""
+    return quantize_int4(getattr(moe, name).detach()) if values is None else values(name)
+
+
 def fused_moe_unsupported(moe: MoE) -> str | None:
     """Why `llama::quantized_moe_ffn` cannot compute this MoE layer's routed experts, or None if it can."""
     if not moe.cfg.norm_topk_prob:
@@ -93,7 +133,7 @@ def fused_moe_unsupported(moe: MoE) -> str | None:
 class FusedInt4Experts(nn.Module):
     """Routing + routed INT4 experts as one `llama::quantized_moe_ffn` call; the shared expert beside it."""
 
-    def __init__(self, moe: MoE):
+    def __init__(self, moe: MoE, values: WeightValues | None = None):
         super().__init__()
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers llama::quantized_moe_ffn
 
@@ -107,7 +147,7 @@ class FusedInt4Experts(nn.Module):
         self.register_buffer("expert_bias", moe.router.expert_bias.detach().float().clone() if sigmoid
                              else torch.empty(0))
         for name, blob in (("gate_up_proj", "packed_w13"), ("down_proj", "packed_w2")):  # gate rows, then up rows
-            packed, scales = quantize_int4(getattr(moe, name).detach())
+            packed, scales = _expert_values(moe, name, values)
             self.register_buffer(blob, pack_experts(packed, scales))
         # The op's softmax path (softmax over the top-k logits = our renormalised top-k probabilities) takes no
         # route scale, so ours multiplies the output.
@@ -131,13 +171,15 @@ class FusedInt4Experts(nn.Module):
 class DecodeStep(nn.Module):
     """forward(tokens [1, T], input_pos [T]) -> logits [1, T, V] over a static KV cache."""
 
-    def __init__(self, model: Transformer, max_seq_len: int, fused_moe: bool = True):
+    def __init__(self, model: Transformer, max_seq_len: int, fused_moe: bool = True,
+                 values: WeightValues | None = None):
         super().__init__()
         self.model = copy.deepcopy(model).float().eval()
-        for block in self.model.layers:
+        for i, block in enumerate(self.model.layers):
             if isinstance(block.ffn, MoE):
                 use_op = fused_moe and fused_moe_unsupported(block.ffn) is None
-                block.ffn = FusedInt4Experts(block.ffn) if use_op else GatheredInt4Experts(block.ffn)
+                experts = None if values is None else (lambda name, i=i: values(f"layers.{i}.ffn.{name}"))
+                block.ffn = (FusedInt4Experts if use_op else GatheredInt4Experts)(block.ffn, experts)
         self.model.setup_cache(1, max_seq_len)
         # A separate output head so it can be quantized as a linear (8da4w) and the embedding as a lookup.
         self.model.lm_head = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
@@ -147,13 +189,16 @@ class DecodeStep(nn.Module):
         return self.model(tokens, input_pos=input_pos).logits
 
 
-def quantized_decoder(source: str | Path | LoadedModel, max_seq_len: int = 256, fused_moe: bool = True) -> DecodeStep:
-    """The eager module the .pte is exported from: our model, 8da4w linears, INT4 embedding and experts.
+def quantized_decoder(source: str | Path | LoadedModel, max_seq_len: int = 256, fused_moe: bool = True,
+                      embedding_bits: int | None = None) -> DecodeStep:
+    """The eager module the .pte is exported from: our model, 8da4w linears, INT4 embedding and experts — or,
+    where the checkpoint's scheme (or `embedding_bits`) keeps the embedding/head at 8 bits, an int8 embedding and
+    an 8da8w head (module docstring). Every quantized weight holds the checkpoint's integers (`Int4Values`).
 
     `fused_moe=False` keeps every MoE layer on the gather + einsum path (the previous .pte, for comparisons).
     """
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.granularity import PerAxis, PerGroup
 
     loaded = as_loaded(source)
     cfg = loaded.model.cfg
@@ -162,19 +207,32 @@ def quantized_decoder(source: str | Path | LoadedModel, max_seq_len: int = 256, 
     if cfg.d_model % GROUP_SIZE or (cfg.is_moe and cfg.expert_size % GROUP_SIZE):
         raise MobileMoEError(f"4-bit group-{GROUP_SIZE} weights need d_model and expert_size divisible by "
                              f"{GROUP_SIZE}")
-    step = DecodeStep(loaded.model, max_seq_len, fused_moe).eval()
-    quantize_(step, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE)),
+    scheme = loaded.scheme if embedding_bits is None else dataclasses.replace(loaded.scheme,
+                                                                              embedding_bits=embedding_bits)
+    values = Int4Values(loaded, scheme)
+    step = DecodeStep(loaded.model, max_seq_len, fused_moe, values).eval()
+    bits = torch.int8 if scheme.embedding_bits == 8 else torch.int4
+    table = PerAxis(0) if bits == torch.int8 else PerGroup(GROUP_SIZE)
+    quantize_(step, IntxWeightOnlyConfig(weight_dtype=bits, granularity=table),
               filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    if bits == torch.int8:
+        quantize_(step, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+                  filter_fn=lambda m, fqn: fqn == "model.lm_head")
     quantize_(step, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
                                                           weight_granularity=PerGroup(GROUP_SIZE)),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
-    # The XNNPACK delegate stores per-group weight scales as bf16 (executorch 1.5.1, backends/xnnpack/operators/
-    # node_visitor.py `get_quant_params`); rounding them here too makes this module compute what the .pte
-    # computes. Without it a 30-layer model (SmolLM2-135M) drifts by ~10% of the logits and greedy tokens differ.
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not (bits == torch.int8 and fqn == "model.lm_head"))
     with torch.no_grad():
-        for module in step.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.scale.copy_(module.weight.scale.to(torch.bfloat16).float())
+        for fqn, module in step.model.named_modules():
+            if isinstance(module, nn.Linear | nn.Embedding):  # all quantized above (routers are no nn.Linear)
+                qweight, scales = values("embed.weight" if fqn in ("embed", "lm_head") else f"{fqn}.weight")
+                module.weight.qdata.copy_(unpack_int4(qweight) if qweight.dtype == torch.uint8 else qweight)
+                module.weight.scale.copy_(scales.reshape(module.weight.scale.shape))
+                # The XNNPACK delegate stores per-group weight scales as bf16 (executorch 1.5.1, backends/xnnpack/
+                # operators/node_visitor.py `get_quant_params`; per-row scales stay fp32); rounding them here too
+                # makes this module compute what the .pte computes. Without it a 30-layer model (SmolLM2-135M)
+                # drifts by ~10% of the logits and greedy tokens differ.
+                if isinstance(module, nn.Linear) and qweight.dtype == torch.uint8:
+                    module.weight.scale.copy_(module.weight.scale.to(torch.bfloat16).float())
     return step
 
 
@@ -184,9 +242,10 @@ def float_decoder(source: str | Path | LoadedModel, max_seq_len: int = 256, fuse
 
 
 def export_pte(source: str | Path | LoadedModel, path: str | Path, max_seq_len: int = 256,
-               fused_moe: bool = True, quantize: bool = True) -> Path:
+               fused_moe: bool = True, quantize: bool = True, embedding_bits: int | None = None) -> Path:
     """Write an ExecuTorch program (XNNPACK-delegated, fused MoE op) of a checkpoint: 8da4w (see module
-    docstring), or with `quantize=False` float32 linears and embedding.
+    docstring; the embedding/head at the checkpoint's bits, or `embedding_bits`), or with `quantize=False`
+    float32 linears and embedding.
 
     Why both: an 8da4w program reproduces its eager source only up to float summation order (~1e-7), and
     per-token int8 activation rounding turns that into an avalanche on deep models — a rounding that flips in
@@ -197,7 +256,8 @@ def export_pte(source: str | Path | LoadedModel, path: str | Path, max_seq_len: 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    step = (quantized_decoder if quantize else float_decoder)(source, max_seq_len, fused_moe)
+    step = (quantized_decoder(source, max_seq_len, fused_moe, embedding_bits) if quantize
+            else float_decoder(source, max_seq_len, fused_moe))
     example = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     with torch.no_grad():
         program = torch.export.export(step, example, strict=False)

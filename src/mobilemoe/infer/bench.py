@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mobilemoe.checkpoint import checkpoint_scheme
 from mobilemoe.config import ModelConfig, get_preset
 from mobilemoe.infer.engine import (
     COMPUTE_DTYPE,
@@ -27,7 +28,7 @@ from mobilemoe.infer.engine import (
 )
 from mobilemoe.io import atomic_write_json
 from mobilemoe.model import Transformer, build_on_meta, count_parameters
-from mobilemoe.quantize import INT4_BYTES_PER_PARAM, weight_bytes
+from mobilemoe.quantize import INT4_BYTES_PER_PARAM, PAPER_SCHEME, Int4Scheme, weight_bytes
 from mobilemoe.ui import console, human_bytes, human_count
 
 
@@ -83,17 +84,18 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
     per context length, before timing)."""
     models, results, tokenizers = [], [], {}
     for preset in presets:
+        scheme = PAPER_SCHEME
         if (Path(preset) / "config.json").is_file():
             model, tokenizers[preset] = load_int4_model(preset)
-            cfg = model.cfg
+            cfg, scheme = model.cfg, checkpoint_scheme(preset)
         else:
             cfg = get_preset(preset)
             model = build_int4_model(cfg, random_int4_tensors(cfg))
         meta = build_on_meta(cfg)
         count = count_parameters(meta)
         models.append(model)
-        results.append(ModelBench(preset, count.active, count.total, weight_bytes(meta), active_int4_bytes(cfg),
-                                  _rss()))
+        results.append(ModelBench(preset, count.active, count.total, weight_bytes(meta, scheme=scheme),
+                                  active_int4_bytes(cfg, scheme), _rss()))
     longest = max(prompt_lens + contexts) + rounds * decode_steps + 2
     ids = {id(m): real_text_ids(longest, m.cfg.vocab_size, tokenizers.get(name))
            for m, name in zip(models, presets, strict=True)}
@@ -137,10 +139,11 @@ def _prefill(model: Transformer, ids: list[int], extra: int = 1) -> None:
     model(torch.tensor([ids]), input_pos=torch.arange(len(ids)))
 
 
-def active_int4_bytes(cfg: ModelConfig) -> int:
-    """INT4 weight bytes read per decoded token: every weight but the routed experts a token does not pick."""
+def active_int4_bytes(cfg: ModelConfig, scheme: Int4Scheme = PAPER_SCHEME) -> int:
+    """INT4 weight bytes read per decoded token: every weight but the routed experts a token does not pick (the
+    embedding/head at the bits `scheme` keeps it)."""
     model = build_on_meta(cfg)
-    total = weight_bytes(model)
+    total = weight_bytes(model, scheme=scheme)
     for moe in model.moe_layers():
         per_expert = (moe.gate_up_proj.numel() + moe.down_proj.numel()) // moe.cfg.n_routed_experts
         total -= int((moe.cfg.n_routed_experts - moe.cfg.top_k) * per_expert * INT4_BYTES_PER_PARAM)

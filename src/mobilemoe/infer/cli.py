@@ -32,7 +32,7 @@ def _load(args: argparse.Namespace):
     float_weights = (path / "model.safetensors").is_file() and read_tensors(path / "model.safetensors")[1].get(
         "quantization") != INT4_FORMAT
     if args.int4 and float_weights:
-        scheme = int4_scheme(args)
+        scheme = int4_scheme(args, path)
         console.print(f"[yellow]note:[/] {path} holds float weights; quantizing them to INT4 (g32{scheme.suffix}) "
                       "at load")
         loaded = load_model(path)

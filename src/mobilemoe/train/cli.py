@@ -14,6 +14,10 @@ def _train(args: argparse.Namespace) -> None:
     overrides = {key: getattr(args, key) for key in ("device", "precision", "compile", "activation_checkpointing")
                  if getattr(args, key) is not None}
     recipe = dataclasses.replace(recipe, **overrides)
+    if args.embedding_bits is not None or args.rounding is not None:
+        from mobilemoe.train.recipe import with_qat_scheme
+
+        recipe = with_qat_scheme(recipe, args.embedding_bits, args.rounding)
     if args.dry_run:
         return _dry_run(recipe, args)
     if args.init_from:
@@ -89,6 +93,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the recipe's `compile`, else off)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, help="recompute each "
                    "block's activations in backward: less memory, ~1/3 more compute (default: the recipe's, else off)")
+    p.add_argument("--embedding-bits", type=int, choices=(4, 8), help="qat stages: train the tied embedding/head "
+                   "against 4 bits (the paper's) or 8 (int8 per row, as `--int4 --embedding-bits 8` quantizes; "
+                   "default: the recipe's `embedding_bits`, else 4); the QAT checkpoint records it")
+    p.add_argument("--rounding", choices=("rtn", "hqq"), help="qat stages: round to nearest, what QAT trains against "
+                   "(hqq is a post-training choice and is refused here, with the reason)")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, build the model on meta and print "
                    "each stage's steps, tokens, FLOPs and GPU-hours; opens no data, trains nothing")
     p.add_argument("--mfu", type=float, default=0.35, help="--dry-run: model FLOPs utilization assumed (default 0.35)")

@@ -17,7 +17,8 @@ from mobilemoe.train.trainer import heldout_loss
 def heldout_losses(recipe: Recipe | str | Path | dict[str, Any], checkpoints: list[str | Path],
                    stage: str | None = None, int4: bool = False) -> list[dict[str, Any]]:
     """[{checkpoint, model, int4, loss}] on the val split of `stage`'s mixture (default: the recipe's first
-    sft stage, else its first stage). `int4`: float checkpoints are first rounded to INT4 g32 (PTQ)."""
+    sft stage, else its first stage). `int4`: float checkpoints are first rounded to INT4 g32 (PTQ, in the scheme
+    the checkpoint records)."""
     from mobilemoe.data import prepare
 
     recipe = as_recipe(recipe)
@@ -29,7 +30,7 @@ def heldout_losses(recipe: Recipe | str | Path | dict[str, Any], checkpoints: li
         if int4 and not loaded.int4:
             from mobilemoe.eval.runner import quantize_weights_int4
 
-            quantize_weights_int4(loaded.model)
+            quantize_weights_int4(loaded.model, loaded.scheme)  # what a QAT stage trained against, if it says
             loaded.int4 = True
         data.check_vocab(loaded.model.cfg.vocab_size)
         loss = heldout_loss(loaded.model, data, list(s.mixture.items()), s.seq_len, s.batch_size, s.eval_batches)

@@ -30,6 +30,7 @@ from mobilemoe.config import ModelConfig, from_dict, resolve_model_config
 from mobilemoe.data.streaming import HubSource
 from mobilemoe.errors import ConfigError
 from mobilemoe.io import read_mapping
+from mobilemoe.quantize import PAPER_SCHEME, Int4Scheme
 from mobilemoe.train.runtime import Device, Precision
 
 STAGE_KINDS = ("pretrain", "midtrain", "sft", "qat")
@@ -62,6 +63,14 @@ class StageConfig:
     init_from: str | None = None  # checkpoint dir or an earlier stage's name; default: the previous stage's final
     data_seed: int | None = None  # batch order; default from the recipe seed and stage position. Two stages with
     # the same data_seed and mixture see the same batches (a controlled comparison, e.g. QAT vs more SFT)
+    # qat: the INT4 scheme trained against (`quantize.Int4Scheme`); the tied embedding/head at 4 bits (the paper's)
+    # or 8 (int8 per row). Rounding is round to nearest: HQQ is a post-training choice, refused with that reason.
+    embedding_bits: Literal[4, 8] = 4
+    rounding: Literal["rtn", "hqq"] = "rtn"
+
+    @property
+    def int4_scheme(self) -> Int4Scheme:
+        return Int4Scheme(self.embedding_bits, self.rounding)
 
     def validate(self, where: str) -> StageConfig:
         def need(ok: bool, name: str, why: str) -> None:
@@ -78,6 +87,11 @@ class StageConfig:
         need(bool(self.mixture), "mixture", "must name at least one data source with a weight")
         for source, weight in self.mixture.items():
             need(weight > 0, f"mixture.{source}", f"weight must be > 0, got {weight}")
+        if self.kind == "qat":
+            self.int4_scheme.check_trainable(f"{where} (qat)")
+        else:
+            need(self.int4_scheme == PAPER_SCHEME, "embedding_bits" if self.embedding_bits != 4 else "rounding",
+                 "sets the INT4 scheme a qat stage trains against; this stage is not one (drop it, or set kind: qat)")
         return self
 
 
@@ -164,6 +178,16 @@ def start_from(recipe: Recipe, checkpoint: str | Path) -> Recipe:
         raise ConfigError(f"--init-from {checkpoint} is not a checkpoint directory (no config.json)")
     stages = [replace(recipe.stages[0], init_from=str(checkpoint)), *recipe.stages[1:]]
     return replace(recipe, model=str(config), stages=stages)
+
+
+def with_qat_scheme(recipe: Recipe, embedding_bits: int | None, rounding: str | None) -> Recipe:
+    """`recipe` with its qat stages training against another INT4 scheme (`mobilemoe train --embedding-bits`)."""
+    if not any(s.kind == "qat" for s in recipe.stages):
+        raise ConfigError(f"--embedding-bits/--rounding set the INT4 scheme a qat stage trains against; recipe "
+                          f"'{recipe.name}' has no qat stage")
+    stages = [replace(s, embedding_bits=embedding_bits or s.embedding_bits, rounding=rounding or s.rounding).validate(
+        f"--embedding-bits/--rounding on stage '{s.name}'") if s.kind == "qat" else s for s in recipe.stages]
+    return replace(recipe, stages=stages)
 
 
 def as_recipe(recipe: Recipe | str | Path | dict[str, Any]) -> Recipe:

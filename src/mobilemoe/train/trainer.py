@@ -91,8 +91,10 @@ class StageTrainer:
             loaded = load_model(init_dir)
             check_same_architecture(loaded.model.cfg, self.cfg, f"stage '{stage.name}' starts from {init_dir}, a")
             model.load_state_dict(loaded.model.state_dict())
-        if stage.kind == "qat":
-            prepare_qat(model)
+        # QAT's float weights (best/, step checkpoints) record the scheme they train against; its final/ is INT4.
+        self.qat_scheme = stage.int4_scheme if stage.kind == "qat" else None
+        if self.qat_scheme is not None:
+            prepare_qat(model, self.qat_scheme)
         self.raw_model = model
         self.count = count_parameters(model)
         self.model = parallel.wrap_model(prepare_model(model, runtime), world, parallel_mode,
@@ -129,7 +131,7 @@ class StageTrainer:
             flat_optim = {f"{fqn}::{key}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
                           for fqn, state in optim_state["state"].items() for key, v in state.items()}
             with atomic_dir(path) as tmp:
-                write_model_files(tmp, self.raw_model, self.tokenizer, tensors=tensors)
+                write_model_files(tmp, self.raw_model, self.tokenizer, tensors=tensors, scheme=self.qat_scheme)
                 save_file(flat_optim, tmp / "optimizer.safetensors")
                 save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
                 (tmp / "trainer_state.json").write_text(json.dumps({
@@ -298,17 +300,17 @@ class StageTrainer:
 
     def _save_weights(self, path: Path, int4: bool = False) -> None:
         """Weights only, under the Transformer's own names (collective: call on every rank). `int4` writes
-        the QAT stage's real INT4 output: `quantize_int4` uses the fake quantizer's exact maths, so these
-        are the integers QAT trained against."""
+        the QAT stage's real INT4 output: `quantize_weight` uses the fake quantizers' exact maths (int4 g32; int8
+        rows for an 8-bit embedding/head), so these are the integers QAT trained against."""
         weights = plain_state(self.model)
         if not self.world.is_main:
             return
         if int4:
             plain = Transformer(self.cfg)
             plain.load_state_dict(weights)
-            save_model(path, plain, self.tokenizer, int4=True, force=True)  # our own run directory
+            save_model(path, plain, self.tokenizer, int4=True, force=True, scheme=self.qat_scheme)  # our run dir
         else:
-            save_model(path, self.raw_model, self.tokenizer, tensors=weights, force=True)
+            save_model(path, self.raw_model, self.tokenizer, tensors=weights, force=True, scheme=self.qat_scheme)
 
 
 # The fields that fix the tensors' shapes and how they are wired: a checkpoint trains under a recipe's model
