@@ -86,8 +86,7 @@ def int4_scheme(args: argparse.Namespace, checkpoint: str | Path | None = None):
     """The `quantize.Int4Scheme` of parsed --embedding-bits/--rounding; what they leave out comes from the scheme
     `checkpoint` records (`checkpoint.checkpoint_scheme`), else the paper's."""
     from mobilemoe.checkpoint import checkpoint_scheme
-    from mobilemoe.quantize import PAPER_SCHEME, Int4Scheme
+    from mobilemoe.quantize import PAPER_SCHEME
 
     recorded = PAPER_SCHEME if checkpoint is None else checkpoint_scheme(checkpoint)
-    return Int4Scheme(recorded.embedding_bits if args.embedding_bits is None else args.embedding_bits,
-                      recorded.rounding if args.rounding is None else args.rounding)
+    return recorded.with_overrides(args.embedding_bits, args.rounding)

@@ -38,6 +38,11 @@ class Int4Scheme:
             raise MobileMoEError(f"INT4 scheme: embedding bits must be 4 or 8 and rounding rtn or hqq, not "
                                  f"{self.embedding_bits} / {self.rounding}")
 
+    def with_overrides(self, embedding_bits: int | None = None, rounding: str | None = None) -> Int4Scheme:
+        """This scheme with the settings given (not None) replaced: flags over what a checkpoint records."""
+        return Int4Scheme(self.embedding_bits if embedding_bits is None else embedding_bits,
+                          self.rounding if rounding is None else rounding)
+
     def check_trainable(self, where: str = "QAT") -> None:
         """QAT trains the weights against round to nearest; HQQ fits scales to weights already trained."""
         if self.rounding != "rtn":

@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from mobilemoe.argtypes import add_int4_scheme_arguments
+
 
 def _train(args: argparse.Namespace) -> None:
     from mobilemoe.train import load_recipe, run_recipe
@@ -55,7 +57,8 @@ def _heldout(args: argparse.Namespace) -> None:
     from mobilemoe.train.heldout import heldout_losses, heldout_table
     from mobilemoe.ui import console
 
-    rows = heldout_losses(args.recipe, args.checkpoints, stage=args.stage, int4=args.int4)
+    rows = heldout_losses(args.recipe, args.checkpoints, stage=args.stage, int4=args.int4,
+                          embedding_bits=args.embedding_bits, rounding=args.rounding)
     console.print(f"held-out loss on the val data of stage '{rows[0]['stage']}' of {args.recipe}")
     console.print(heldout_table(rows), markup=False)
 
@@ -115,6 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "stage)")
     p.add_argument("--int4", action="store_true", help="round float checkpoints to INT4 g32 first (post-training "
                    "quantization); INT4 checkpoints are scored as they are")
+    add_int4_scheme_arguments(p)
     p.set_defaults(handler=_heldout)
 
     p = sub.add_parser("plot", help="loss curves and expert-load heat maps of a run, as PNG")

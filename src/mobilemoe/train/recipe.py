@@ -185,8 +185,12 @@ def with_qat_scheme(recipe: Recipe, embedding_bits: int | None, rounding: str | 
     if not any(s.kind == "qat" for s in recipe.stages):
         raise ConfigError(f"--embedding-bits/--rounding set the INT4 scheme a qat stage trains against; recipe "
                           f"'{recipe.name}' has no qat stage")
-    stages = [replace(s, embedding_bits=embedding_bits or s.embedding_bits, rounding=rounding or s.rounding).validate(
-        f"--embedding-bits/--rounding on stage '{s.name}'") if s.kind == "qat" else s for s in recipe.stages]
+    def qat(s: StageConfig) -> StageConfig:
+        scheme = s.int4_scheme.with_overrides(embedding_bits, rounding)
+        return replace(s, embedding_bits=scheme.embedding_bits, rounding=scheme.rounding).validate(
+            f"--embedding-bits/--rounding on stage '{s.name}'")
+
+    stages = [qat(s) if s.kind == "qat" else s for s in recipe.stages]
     return replace(recipe, stages=stages)
 
 
