@@ -16,7 +16,7 @@ from mobilemoe.eval.runner import evaluate, load_for_eval, read_results, results
 from mobilemoe.eval.scoring import Scorer
 from mobilemoe.eval.tasks import Task, get_task, multiple_choice_example, text_task
 from mobilemoe.model import Transformer
-from mobilemoe.tokenizer import train_bpe
+from mobilemoe.tokenizer import IM_START, Tokenizer, train_bpe
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Question: where do birds live? Answer: in trees.",
              "Paris is the capital of France, and the Seine runs through it."]
@@ -210,3 +210,44 @@ def test_cached_generation_equals_full_recompute_and_exact_match(checkpoint):
     assert all(block.attn.kv_cache is None for block in loaded.model.layers)  # scoring continues without it
     assert all("." not in text for text in one_by_one)
     assert exact_match("The Seine!", ["seine"], ["\\b(?:The |the )"]) and not exact_match("Rhine", ["Seine"])
+
+
+@pytest.mark.parametrize("config", [{"bos_token": IM_START, "add_bos_token": True}, {"bos_token": IM_START}],
+                         ids=["adds-bos", "names-bos-only"])
+def test_bos_and_prefix_token_as_lm_eval_hf_backend(checkpoint, config, tmp_path):
+    """A tokenizer that asks for a BOS (add_bos_token, as Llama's do) gets it in front of every context, text and
+    prompt, except one already starting with it; an empty context and a text's first window are conditioned on
+    the named BOS even where none is added (SmolLM2's case). Request by request equal to lm-eval's HF backend,
+    and our lm-eval backend does the same."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from mobilemoe.eval.lm_eval_backend import MobileMoELM
+    from mobilemoe.export.hf import to_hf
+
+    loaded = load_for_eval(checkpoint, Tokenizer(load_for_eval(checkpoint).tokenizer.hf, "bos", config))
+    scorer = Scorer(loaded.model, loaded.tokenizer, batch_size=2)
+    hf_model, hf_tokenizer = to_hf(loaded)
+    lm = HFLM(pretrained=hf_model, tokenizer=hf_tokenizer, batch_size=2)
+    bos = loaded.tokenizer.named_ids()["bos_token"]
+    pairs = [("Question: where do birds live?\nAnswer:", " in trees"), ("", "The quick brown fox"),
+             (IM_START + "Paris is the capital of", " France")]
+    for context, continuation in pairs[::2]:
+        assert scorer.encode_pair(context, continuation) == lm._encode_pair(context, continuation)
+    assert (scorer.encode_pair(*pairs[0])[0][0] == bos) == bool(config.get("add_bos_token"))
+    assert scorer.encode_pair(*pairs[1])[0] == [bos] and scorer.encode(pairs[2][0]).count(bos) == 1
+    their_lls = [ll for ll, _ in lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])]
+    assert [ll for ll, _ in scorer.loglikelihood(pairs)] == pytest.approx(their_lls, abs=1e-4)
+    loaded.tokenizer.save(tmp_path / "tokenizer.json")
+    backend = MobileMoELM(str(checkpoint), tokenizer=str(tmp_path / "tokenizer.json"))
+    assert [ll for ll, _ in backend.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+            ] == pytest.approx(their_lls, abs=1e-4)
+
+    text = " ".join(SENTENCES)
+    ours = sum(ll for ll, _ in scorer.loglikelihood_tokens(scorer.rolling_windows(text)))
+    assert ours == pytest.approx(lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])[0],
+                                 abs=1e-4)
+    context = "Paris is the capital of France, and"
+    assert scorer.encode(context) == lm.tok_batch_encode([context])[0][0].tolist()
+    request = Instance("generate_until", {}, (context, {"until": ["."], "max_gen_toks": 6, "do_sample": False}), 0)
+    assert scorer.generate_until([context], ["."], 6) == lm.generate_until([request])

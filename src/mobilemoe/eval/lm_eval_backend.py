@@ -36,8 +36,12 @@ class MobileMoELM(TemplateLM):
     def eot_token_id(self) -> int:
         return self.scorer.tokenizer.eos_id
 
-    def tok_encode(self, string: str, **kwargs) -> list[int]:
-        return self.scorer.tokenizer.encode(string)
+    @property
+    def prefix_token_id(self) -> int:
+        return self.scorer.prefix_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.scorer.tokenizer.encode(string) if add_special_tokens is False else self.scorer.encode(string)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         return self.scorer.loglikelihood_tokens([(context, continuation) for _, context, continuation in requests])

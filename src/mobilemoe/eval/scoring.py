@@ -1,9 +1,12 @@
 """Log-likelihoods, rolling perplexity and greedy generation from our Transformer, computed the way
 lm-eval 0.4.13's `TemplateLM` + HF backend compute them, so that both give the same numbers:
 
-- a (context, continuation) pair is encoded as lm-eval's `_encode_pair` does: trailing spaces of the context
-  move to the continuation, the whole string is encoded and split after the context's tokens; an empty
-  context is replaced by the end-of-text token;
+- text is encoded as the HF backend's `tok_encode` does: with the tokenizer's own special tokens, so the
+  model's BOS comes first when its tokenizer_config asks for one (`add_bos_token`), unless the text already
+  starts with it; a (context, continuation) pair as `_encode_pair` does: trailing spaces of the context move
+  to the continuation, the whole string is encoded and split after the context's tokens; an empty context,
+  and the first window of a text, are conditioned on the prefix token (`prefix_token_id`: the model's named
+  BOS token, else end of text);
 - the model sees (context + continuation)[:-1], left-truncated to `max_length`, and the continuation's
   log-probability is the sum over its tokens; `is_greedy` says whether argmax decoding reproduces it.
 
@@ -31,17 +34,24 @@ class Scorer:
         self.batch_size = batch_size
         self.max_length = max_length or model.cfg.max_seq_len
         self.device = next(model.parameters()).device
+        # lm-eval's prefix_token_id on the HF backend: the tokenizer's bos_token_id (named even where the
+        # tokenizer adds none, e.g. SmolLM2's <|im_start|>), else its end-of-text token
+        self.prefix_id = tokenizer.named_ids().get("bos_token", tokenizer.eos_id)
+        self._prefix_text = tokenizer.decode([self.prefix_id])
+
+    def encode(self, text: str) -> list[int]:
+        """lm-eval's `tok_encode`: the BOS first when the tokenizer adds one, unless `text` already starts with it."""
+        return self.tokenizer.encode(text, start=not text.startswith(self._prefix_text))
 
     def encode_pair(self, context: str, continuation: str) -> TokenPair:
         if context == "":
             tokens = self.tokenizer.encode(continuation)
-            eos = self.tokenizer.eos_id
-            return ([eos], tokens) if tokens[0] != eos else (tokens[:1], tokens[1:])
+            return ([self.prefix_id], tokens) if tokens[0] != self.prefix_id else (tokens[:1], tokens[1:])
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.tokenizer.encode(context + continuation)
-        context_len = len(self.tokenizer.encode(context))
+        whole = self.encode(context + continuation)
+        context_len = len(self.encode(context))
         return whole[:context_len], whole[context_len:]
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], advance: Callable[[int], None] | None = None
@@ -126,11 +136,11 @@ class Scorer:
 
     def rolling_windows(self, text: str) -> list[TokenPair]:
         """lm-eval's loglikelihood_rolling windows: disjoint chunks of max_length tokens, each conditioned on
-        the token before it (the end-of-text token for the first)."""
+        the token before it (the prefix token for the first)."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         return [make_disjoint_window(w) for w in get_rolling_token_windows(
-            self.tokenizer.encode(text), self.tokenizer.eos_id, self.max_length, context_len=1)]
+            self.encode(text), self.prefix_id, self.max_length, context_len=1)]
 
     @torch.inference_mode()
     def generate_until(self, contexts: Sequence[str], until: Sequence[str], max_new_tokens: int = 32,
@@ -142,7 +152,7 @@ class Scorer:
 
         outputs = []
         for context in contexts:
-            prompt = (self.tokenizer.encode(context) or [self.tokenizer.eos_id])[-(self.max_length - max_new_tokens):]
+            prompt = (self.encode(context) or [self.prefix_id])[-(self.max_length - max_new_tokens):]
             generated: list[int] = []
             stops = self.tokenizer.stop_ids()
             for token in generate_tokens(self.model, prompt, max_new_tokens, stop_ids=stops,
