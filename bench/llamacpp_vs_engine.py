@@ -13,8 +13,9 @@ through `mobilemoe export gguf`'s writer. The router and norms stay f32 in both.
 
 For every thread count and context: prefill of `context` prompt tokens, then decode at that context; the
 implementations take turns in every round (median of the rounds). Our decode is the C decode step (one call
-per token); the same engine's torch modules (eager, a kernel call per product) are shown too. Decode
-bandwidth use: weight bytes read per token (INT4, active experts only) x tok/s over the copy bandwidth
+per token), with the engine's default fp16 KV cache (llama.cpp's default is f16 too) and with an fp32 one
+(a second engine on the same mapped weights). Decode bandwidth use: weight bytes read per token (INT4,
+active experts only) x tok/s over the copy bandwidth
 (reads + writes of a 512 MB copy) and over the read bandwidth (a 512 MB sum), both measured in the run at
 each thread count. --cold-start: each implementation loads the model in a fresh process of its
 own; time to load, time to first token (load + prefill of 64 tokens + the first token) and the resident
@@ -38,12 +39,13 @@ from mobilemoe.config import resolve_model_config
 from mobilemoe.data.documents import read_embedded
 from mobilemoe.export.gguf import export_gguf
 from mobilemoe.infer.bench import active_int4_bytes, copy_bandwidth, interleaved, read_bandwidth, real_text_ids
-from mobilemoe.infer.engine import COMPUTE_DTYPE, load_int4_model
+from mobilemoe.infer.engine import load_int4_model
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import train_bpe
 from mobilemoe.ui import console
 
-OURS, TORCH, LLAMA = "ours (C decode step)", "ours (torch modules, eager)", "llama.cpp (q4_0)"
+OURS, OURS_FP32, LLAMA = "ours (C step, fp16 KV)", "ours (C step, fp32 KV)", "llama.cpp (q4_0, f16 KV)"
+CACHE_DTYPES = {OURS: torch.float16, OURS_FP32: torch.float32}
 COLD_PROMPT = 64
 
 
@@ -83,7 +85,7 @@ def main() -> None:
         if args.cold_start:
             results["cold_start"] = {name: _in_fresh_process(impl, path) for name, impl, path in
                                      ((OURS, "engine", Path(tmp) / "int4"), (LLAMA, "llama", gguf))}
-        engine, _ = load_int4_model(Path(tmp) / "int4")
+        engines = {name: load_int4_model(Path(tmp) / "int4")[0] for name in CACHE_DTYPES}  # one mapping each
         llms = {t: Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=t, n_threads_batch=t,
                          verbose=False) for t in args.threads}
         results["runs"], results["bandwidth_bytes_s"] = {}, {}
@@ -91,7 +93,7 @@ def main() -> None:
             torch.set_num_threads(threads)
             results["bandwidth_bytes_s"][threads] = {"copy": copy_bandwidth(), "read": read_bandwidth()}
             for context in args.contexts:
-                results["runs"][threads, context] = run(engine, llms[threads], ids, context, args)
+                results["runs"][threads, context] = run(engines, llms[threads], ids, context, args)
         for llm in llms.values():
             llm.close()
     report(results, args)
@@ -116,42 +118,37 @@ def _model_and_prompt(args: argparse.Namespace, n_ctx: int) -> tuple[LoadedModel
 
 
 @torch.inference_mode()
-def run(engine: Transformer, llm, ids: list[int], context: int, args: argparse.Namespace) -> dict:
+def run(engines: dict[str, Transformer], llm, ids: list[int], context: int, args: argparse.Namespace) -> dict:
     n_ctx = _context_size(args)
 
-    def engine_prefill(n: int) -> None:
-        engine.setup_cache(1, n_ctx, COMPUTE_DTYPE)
-        engine(torch.tensor([ids[:n]]), input_pos=torch.arange(n))
+    def engine_prefill(name: str, n: int) -> None:
+        engines[name].setup_cache(1, n_ctx, CACHE_DTYPES[name])
+        engines[name](torch.tensor([ids[:n]]), input_pos=torch.arange(n))
 
     def llama_prefill(n: int) -> None:
         llm.reset()
         llm.eval(ids[:n])
 
-    prefill = {OURS: engine_prefill, LLAMA: llama_prefill}
+    prefill = {name: lambda n, name=name: engine_prefill(name, n) for name in engines} | {LLAMA: llama_prefill}
     for fn in prefill.values():
         fn(32)  # warm-up
     seconds = interleaved(list(prefill.values()), lambda fn: fn(context), args.rounds)
     prefill_tok_s = {name: context / t for name, t in zip(prefill, seconds, strict=True)}
 
-    # Ours and llama.cpp hold separate caches; the C step and the torch modules are one engine sharing one
-    # cache, so they continue one position counter.
-    engine_prefill(context)
-    llama_prefill(context)
-    position = {"engine": context, "llama": context}
+    # each implementation decodes on from the cache its last timed prefill left
+    position = dict.fromkeys(prefill, context)
 
-    def engine_decode(c_decode: bool) -> None:
-        engine.c_decode = c_decode
+    def engine_decode(name: str) -> None:
         for _ in range(args.steps):
-            engine(torch.tensor([[ids[position["engine"]]]]), input_pos=torch.tensor([position["engine"]]))
-            position["engine"] += 1
-        engine.c_decode = True
+            engines[name](torch.tensor([[ids[position[name]]]]), input_pos=torch.tensor([position[name]]))
+            position[name] += 1
 
     def llama_decode() -> None:
         for _ in range(args.steps):
-            llm.eval([ids[position["llama"]]])
-            position["llama"] += 1
+            llm.eval([ids[position[LLAMA]]])
+            position[LLAMA] += 1
 
-    decoders = {OURS: lambda: engine_decode(True), TORCH: lambda: engine_decode(False), LLAMA: llama_decode}
+    decoders = {name: lambda name=name: engine_decode(name) for name in engines} | {LLAMA: llama_decode}
     seconds = interleaved(list(decoders.values()), lambda fn: fn(), args.rounds)
     return {"prefill_tok_s": prefill_tok_s,
             "decode_tok_s": {name: args.steps / t for name, t in zip(decoders, seconds, strict=True)}}
@@ -174,7 +171,7 @@ def cold_start_child(impl: str, path: str) -> dict:
         engine, _ = load_int4_model(path)
         loaded_s, after_load = time.perf_counter() - started, _rss()
         with torch.inference_mode():
-            engine.setup_cache(1, COLD_PROMPT + 1, COMPUTE_DTYPE)
+            engine.setup_cache(1, COLD_PROMPT + 1)
             int(engine(torch.tensor([ids]), input_pos=torch.arange(COLD_PROMPT)).logits[0, -1].argmax())
     else:
         from llama_cpp import Llama

@@ -27,7 +27,7 @@ from mobilemoe.checkpoint import LoadedModel, load_model, save_model
 from mobilemoe.config import resolve_model_config
 from mobilemoe.export.pte import PteRunner, export_pte, pte_kernels
 from mobilemoe.infer.bench import interleaved, real_text_ids
-from mobilemoe.infer.engine import COMPUTE_DTYPE, compile_decode, load_int4_model
+from mobilemoe.infer.engine import compile_decode, load_int4_model
 from mobilemoe.model import Transformer
 from mobilemoe.ui import console, human_bytes
 
@@ -97,7 +97,7 @@ def run(engine: Transformer, runners: dict[str, PteRunner], ids: list[int], max_
             runner.step(ids[pos], pos)
 
     def engine_prefill() -> None:
-        engine.setup_cache(1, max_seq_len, COMPUTE_DTYPE)
+        engine.setup_cache(1, max_seq_len)
         engine(torch.tensor([ids[:args.prompt]]), input_pos=torch.arange(args.prompt))
 
     prefill = {name: (lambda r=r: pte_prefill(r)) for name, r in runners.items()} | {engine_name: engine_prefill}

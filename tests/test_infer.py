@@ -100,35 +100,62 @@ def test_int4_moe_equals_the_fake_quantized_dispatch():
         assert _relative_error(y, want) < 1e-5
 
 
-def test_int4_kv_cache_decode_equals_full_forward():
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_int4_kv_cache_decode_equals_full_forward(cache_dtype):
+    """Prefill then decode through the KV cache vs one forward without a cache (fp32 keys and values): equal
+    to float precision with an fp32 cache; the fp16 cache (the engine's default) rounds keys and values to
+    11 significant bits."""
     engine, _, _ = _models()
     tokens = torch.randint(0, 4096, (1, 24))
     with torch.no_grad():
         full = engine(tokens).logits.float()
-        engine.setup_cache(1, 32)
+        engine.setup_cache(1, 32, cache_dtype)
         prefill = engine(tokens[:, :16], input_pos=torch.arange(16)).logits
         steps = [engine(tokens[:, i:i + 1], input_pos=torch.tensor([i])).logits for i in range(16, 24)]
     cached = torch.cat([prefill, *steps], 1).float()
-    assert _relative_error(cached, full) < 1e-5
+    error = _relative_error(cached, full)
+    print(f"{cache_dtype} cache vs no cache: {error:.1e}")
+    assert error < (1e-5 if cache_dtype == torch.float32 else 1e-2)
     assert torch.equal(cached.argmax(-1), full.argmax(-1))
 
 
-@pytest.mark.parametrize("overrides", [
-    {"preset": "micro-moe"}, {"preset": "micro-dense"},
-    {"preset": "micro-moe", "router": "softmax", "qk_norm": False, "tie_embeddings": False, "moe_layer_step": 2,
-     "ffn_size": 192}])
-def test_c_decode_step_computes_what_the_torch_modules_compute(overrides):
+def test_fp16_kv_cache_decodes_what_the_fp32_cache_decodes():
+    """The engine's default fp16 KV cache vs an fp32 one, on the C decode step: the same prompt prefilled, then
+    teacher-forced decode steps; the logits differ by the fp16 rounding of keys and values only."""
+    torch.manual_seed(0)
+    engine, _, _ = _models()
+    tokens = torch.randint(0, 4096, (1, 96))
+    logits = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.float16):
+            engine.setup_cache(1, 96, dtype)
+            steps = [engine(tokens[:, :32], input_pos=torch.arange(32)).logits[:, -1:]]
+            steps += [engine(tokens[:, i:i + 1], input_pos=torch.tensor([i])).logits for i in range(32, 95)]
+            logits[dtype] = torch.cat(steps, 1)
+    error = _relative_error(logits[torch.float16], logits[torch.float32])
+    agree = (logits[torch.float16].argmax(-1) == logits[torch.float32].argmax(-1)).float().mean().item()
+    print(f"fp16 vs fp32 KV cache: logits {error:.1e} relative, argmax equal at {agree:.0%} of steps")
+    assert error < 1e-2 and agree >= 0.95
+
+
+@pytest.mark.parametrize(("overrides", "cache_dtype"), [
+    ({"preset": "micro-moe"}, torch.float16), ({"preset": "micro-moe"}, torch.float32),
+    ({"preset": "micro-dense", "n_kv_heads": 1}, torch.float16),
+    ({"preset": "micro-moe", "router": "softmax", "qk_norm": False, "tie_embeddings": False, "moe_layer_step": 2,
+      "ffn_size": 192}, torch.float16)])
+def test_c_decode_step_computes_what_the_torch_modules_compute(overrides, cache_dtype):
     """The whole decode step in one C call (embedding, layers, head) vs the engine's torch modules running the
-    same kernels product by product, step by step from the same KV cache: both router kinds, QK-norm on and
-    off, a dense layer in a MoE model, an untied head. The norms sum in another order than torch's, so an int8
-    activation can round the other way now and then (an ~1e-3 change); most steps agree to float precision."""
+    same kernels product by product, step by step from the same KV cache (fp16, the default, or fp32): both
+    router kinds, QK-norm on and off, a dense layer in a MoE model, an untied head, all query heads on one kv
+    head. The norms sum in another order than torch's, so an int8 activation can round the other way now and
+    then (an ~1e-3 change); most steps agree to float precision."""
     torch.manual_seed(0)
     cfg = resolve_model_config(overrides)
     engine = build_int4_model(cfg, model_tensors(Transformer(cfg), int4=True))
     tokens = torch.randint(0, cfg.vocab_size, (1, 56))
     errors, same_argmax = [], []
     with torch.inference_mode():
-        engine.setup_cache(1, 64)
+        engine.setup_cache(1, 64, cache_dtype)
         engine(tokens[:, :24], input_pos=torch.arange(24))
         for i in range(24, 56):
             step = {}
@@ -276,13 +303,30 @@ def test_kernel_moe_and_ffn_equal_the_reference(kernel_variant, n_tokens):
     assert _relative_error(got, want) < 1e-5
 
 
-def test_decode_attention_reads_only_the_filled_cache(kernel_variant):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("hd", "length"), [(16, 23), (64, 200)])  # 200 positions: more than one chunk of 64
+def test_decode_attention_reads_only_the_filled_cache(kernel_variant, cache_dtype, hd, length):
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
-    length = 23
-    want = F.scaled_dot_product_attention(q, k[:, :, :length], v[:, :, :length], enable_gqa=True)
+    q, k, v = torch.randn(1, 6, 1, hd), torch.randn(1, 2, 240, hd).to(cache_dtype), torch.randn(1, 2, 240, hd).to(
+        cache_dtype)
+    want = F.scaled_dot_product_attention(q, k[:, :, :length].float(), v[:, :, :length].float(), enable_gqa=True)
     k[:, :, length:], v[:, :, length:] = float("nan"), float("nan")  # never read
     torch.testing.assert_close(q4.attention_decode(q, k, v, torch.tensor(length)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_fp16_conversions_are_torchs(kernel_variant):
+    """The KV cache's fp32 <-> fp16 conversions, bitwise as torch's (round to nearest even; subnormal halves,
+    overflow to inf, nan), in the vector loops and the scalar tail (37 values)."""
+    specials = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 6e-5, 6.1e-5, 3e-8, 2.98e-8,
+                             -5.96e-8, 1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11, float("inf"), float("-inf"), float("nan")])
+    x = torch.cat([specials, torch.randn(1000) * 10.0 ** torch.randint(-9, 6, (1000,)).float(), torch.randn(37)])
+    lib = q8q4_library()
+    half = torch.empty(x.shape, dtype=torch.float16)
+    lib.f16_from_f32(x.data_ptr(), half.data_ptr(), x.numel())
+    assert torch.equal(half.view(torch.int16), x.half().view(torch.int16))
+    back = torch.empty(x.shape)
+    lib.f32_from_f16(half.data_ptr(), back.data_ptr(), x.numel())
+    assert torch.equal(back.nan_to_num(7.0), half.float().nan_to_num(7.0))
 
 
 def test_neon_variant_under_qemu_equals_portable_c(tmp_path):

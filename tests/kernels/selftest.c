@@ -1,6 +1,7 @@
 /* Kernel self-test for builds that Python cannot load here (the NEON variant under qemu-aarch64):
  * includes the kernels, fills one matrix in the layout with fixed pseudo-random bytes and scales, runs
- * q4_linear on a few tokens and prints the outputs, one per line. tests/test_infer.py compares the
+ * q4_linear on a few tokens, then decode attention over an fp16 KV cache (written by f16_from_f32), and
+ * prints the outputs, one per line. tests/test_infer.py compares the
  * output of each build with the same program built as the portable variant. */
 #include "../../src/mobilemoe/infer/kernels/q8q4.c"
 
@@ -34,6 +35,16 @@ int main(void) {
         q4_linear(x, t, K, N, w, s, corr, y);
         for (int i = 0; i < t * N; i++) printf("%.9g\n", y[i]);
     }
+    enum { H = 4, KVH = 2, HD = 16, LEN = 37 };  /* fp16 KV cache: the conversions and the attention */
+    static float q[H * HD], kv[2][KVH * LEN * HD], att[H * HD];
+    static uint16_t kv16[2][KVH * LEN * HD];
+    for (int i = 0; i < H * HD; i++) q[i] = (float)((int)(next() % 2001) - 1000) / 500.0f;
+    for (int c = 0; c < 2; c++) {
+        for (int i = 0; i < KVH * LEN * HD; i++) kv[c][i] = (float)((int)(next() % 2001) - 1000) / 300.0f;
+        f16_from_f32(kv[c], kv16[c], KVH * LEN * HD);
+    }
+    attention_decode(q, kv16[0], kv16[1], H, KVH, HD, LEN, LEN, 1, att);
+    for (int i = 0; i < H * HD; i++) printf("%.9g\n", att[i]);
     printf("%s\n", q4_variant());
     return 0;
 }

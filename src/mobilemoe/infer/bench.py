@@ -3,7 +3,8 @@
 For each preset (random INT4 weights, made directly in the INT4 format) or INT4 checkpoint directory (its
 trained weights, e.g. a QAT stage's final/): prefill tok/s and time to first token at each prompt length,
 decode tok/s at each context, INT4 weight bytes, resident memory after loading, and decode bandwidth use
-(active weight bytes per token x tok/s over this machine's measured copy bandwidth). Prompts are real text
+(bytes read per token, active weights + KV cache at that context, x tok/s over this machine's measured copy
+bandwidth), at each thread count asked for. Prompts are real text
 (the embedded Moby Dick; through a checkpoint's tokenizer, else as UTF-8 byte ids), so the routing sees
 real token sequences. All models stay loaded and take turns in every measurement (median of 3 rounds).
 """
@@ -20,7 +21,7 @@ import torch
 from mobilemoe.checkpoint import checkpoint_scheme
 from mobilemoe.config import ModelConfig, get_preset
 from mobilemoe.infer.engine import (
-    COMPUTE_DTYPE,
+    KV_CACHE_DTYPE,
     build_int4_model,
     compile_decode,
     load_int4_model,
@@ -40,6 +41,7 @@ class ModelBench:
     int4_bytes: int
     active_int4_bytes: int  # weight bytes read per decoded token
     peak_rss: int  # process peak after this model was loaded (models load in order)
+    kv_bytes_per_position: int  # KV cache bytes a decode step reads per context position (fp16 cache)
     prefill_tok_s: dict[int, float] = field(default_factory=dict)
     ttft_s: dict[int, float] = field(default_factory=dict)
     decode_tok_s: dict[int, float] = field(default_factory=dict)
@@ -78,10 +80,11 @@ def real_text_ids(n: int, vocab: int, tokenizer=None) -> list[int]:
 
 @torch.inference_mode()
 def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int,
-                 rounds: int = 3, compile: bool = True) -> list[ModelBench]:
+                 rounds: int = 3, compile: bool = True, threads: tuple[int, ...] = ()) -> list[ModelBench]:
     """Every measurement alternates between the models round by round (median of `rounds`), so load on
     a shared machine hits them alike. With `compile`, decode runs the torch.compile'd step (compiled once
-    per context length, before timing)."""
+    per context length, before timing). `threads`: measure at each of these thread counts (the models are
+    loaded once), results keyed `(threads, length)`; empty: at the current count, keyed by length."""
     models, results, tokenizers = [], [], {}
     for preset in presets:
         scheme = PAPER_SCHEME
@@ -95,33 +98,49 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
         count = count_parameters(meta)
         models.append(model)
         results.append(ModelBench(preset, count.active, count.total, weight_bytes(meta, scheme=scheme),
-                                  active_int4_bytes(cfg, scheme), _rss()))
-    longest = max(prompt_lens + contexts) + rounds * decode_steps + 2
-    ids = {id(m): real_text_ids(longest, m.cfg.vocab_size, tokenizers.get(name))
+                                  active_int4_bytes(cfg, scheme), _rss(), kv_cache_bytes(cfg, 1)))
+    extra = rounds * decode_steps + 2
+    ids = {id(m): real_text_ids(max(prompt_lens + contexts) + extra, m.cfg.vocab_size, tokenizers.get(name))
            for m, name in zip(models, presets, strict=True)}
-    for model in models:
-        _prefill(model, ids[id(model)][:32])  # warm-up
-    for n in prompt_lens:
-        times = interleaved(models, lambda m, n=n: _prefill(m, ids[id(m)][:n]), rounds)
-        for r, seconds in zip(results, times, strict=True):
-            r.prefill_tok_s[n], r.ttft_s[n] = n / seconds, seconds
-    for ctx in contexts:
-        position, steps = {}, {}
+    for n_threads in threads or (None,):
+        if n_threads is not None:
+            torch.set_num_threads(n_threads)
+
+        def key(n: int, n_threads: int | None = n_threads) -> int | tuple[int, int]:
+            return n if n_threads is None else (n_threads, n)
+
         for model in models:
-            _prefill(model, ids[id(model)][:ctx], extra=rounds * decode_steps + 2)
-            steps[id(model)] = compile_decode(model) if compile else model
-            steps[id(model)](torch.tensor([[ids[id(model)][ctx]]]), input_pos=torch.tensor([ctx]))  # compiles
-            position[id(model)] = ctx + 1
-
-        def decode_block(model: Transformer, position: dict[int, int] = position, steps: dict = steps) -> None:
-            for _ in range(decode_steps):
-                pos = position[id(model)]
-                steps[id(model)](torch.tensor([[ids[id(model)][pos]]]), input_pos=torch.tensor([pos]))
-                position[id(model)] = pos + 1
-
-        for r, seconds in zip(results, interleaved(models, decode_block, rounds), strict=True):
-            r.decode_tok_s[ctx] = decode_steps / seconds
+            _prefill(model, ids[id(model)][:32])  # warm-up
+        # lengths in ascending order; a context that is also a prompt length decodes from the cache its last
+        # timed prefill left (no second prefill of a long prompt)
+        for n in sorted(set(prompt_lens) | set(contexts)):
+            if n in prompt_lens:
+                times = interleaved(models, lambda m, n=n: _prefill(m, ids[id(m)][:n], extra), rounds)
+                for r, seconds in zip(results, times, strict=True):
+                    r.prefill_tok_s[key(n)], r.ttft_s[key(n)] = n / seconds, seconds
+            if n in contexts:
+                _decode_at(models, results, ids, n, key(n), decode_steps, rounds, compile, prefilled=n in prompt_lens)
     return results
+
+
+def _decode_at(models: list[Transformer], results: list[ModelBench], ids: dict[int, list[int]], ctx: int,
+               key: int | tuple[int, int], decode_steps: int, rounds: int, compile: bool, prefilled: bool) -> None:
+    position, steps = {}, {}
+    for model in models:
+        if not prefilled:
+            _prefill(model, ids[id(model)][:ctx], extra=rounds * decode_steps + 2)
+        steps[id(model)] = compile_decode(model) if compile else model
+        steps[id(model)](torch.tensor([[ids[id(model)][ctx]]]), input_pos=torch.tensor([ctx]))  # compiles
+        position[id(model)] = ctx + 1
+
+    def decode_block(model: Transformer) -> None:
+        for _ in range(decode_steps):
+            pos = position[id(model)]
+            steps[id(model)](torch.tensor([[ids[id(model)][pos]]]), input_pos=torch.tensor([pos]))
+            position[id(model)] = pos + 1
+
+    for r, seconds in zip(results, interleaved(models, decode_block, rounds), strict=True):
+        r.decode_tok_s[key] = decode_steps / seconds
 
 
 def interleaved(items: list, work, rounds: int) -> list[float]:
@@ -135,7 +154,7 @@ def interleaved(items: list, work, rounds: int) -> list[float]:
 
 
 def _prefill(model: Transformer, ids: list[int], extra: int = 1) -> None:
-    model.setup_cache(1, len(ids) + extra, COMPUTE_DTYPE)
+    model.setup_cache(1, len(ids) + extra)  # the engine's default KV cache (fp16)
     model(torch.tensor([ids]), input_pos=torch.arange(len(ids)))
 
 
@@ -154,41 +173,60 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_bench(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int, threads: int,
-              out: Path, compile: bool = True) -> dict:
-    torch.set_num_threads(threads)
-    bandwidth, read = copy_bandwidth(), read_bandwidth()
-    results = bench_models(presets, prompt_lens, contexts, decode_steps, compile=compile)
-    report = {"threads": threads, "compiled_decode": compile, "copy_bandwidth_bytes_s": bandwidth,
-              "read_bandwidth_bytes_s": read,
-              "models": [asdict(r) for r in results]}
+def kv_cache_bytes(cfg: ModelConfig, context: int, dtype: torch.dtype = KV_CACHE_DTYPE) -> int:
+    """KV cache bytes a decode step reads at `context`: keys and values of every layer and position."""
+    return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * dtype.itemsize
+
+
+def run_bench(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int,
+              threads: list[int], out: Path, compile: bool = True, rounds: int = 3) -> dict:
+    """`bench_models` at each thread count (models loaded once), with the copy and read bandwidth measured at
+    each; a table per thread count, bench.json and bench.png."""
+    bandwidth = {}
+    for n in threads:
+        torch.set_num_threads(n)
+        bandwidth[n] = (copy_bandwidth(), read_bandwidth())
+    results = bench_models(presets, prompt_lens, contexts, decode_steps, rounds, compile, tuple(threads))
+
+    def by_thread(values: dict) -> dict[str, dict[int, float]]:
+        return {str(t): {n: v for (tt, n), v in values.items() if tt == t} for t in threads}
+
+    report = {"threads": threads, "rounds": rounds, "compiled_decode": compile,
+              "kv_cache_dtype": str(KV_CACHE_DTYPE).removeprefix("torch."),
+              "bandwidth_bytes_s": {str(t): {"copy": c, "read": r} for t, (c, r) in bandwidth.items()},
+              "models": [{**asdict(r), **{f: by_thread(getattr(r, f)) for f in ("prefill_tok_s", "ttft_s",
+                                                                                 "decode_tok_s")}} for r in results]}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench.json", report)
-    print_table(results, bandwidth, read)
+    for t in threads:
+        print_table(results, t, *bandwidth[t])
     plot(results, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return report
 
 
-def print_table(results: list[ModelBench], bandwidth: float, read: float) -> None:
+def print_table(results: list[ModelBench], threads: int, bandwidth: float, read: float) -> None:
     from rich.table import Table
 
     base = results[-1]
-    table = Table(title=f"INT4 on this CPU ({torch.get_num_threads()} threads; copy bandwidth "
-                        f"{bandwidth / 1e9:.1f} GB/s, read {read / 1e9:.1f} GB/s); ratios vs {base.preset}")
+    table = Table(title=f"INT4 on this CPU ({threads} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s, read "
+                        f"{read / 1e9:.1f} GB/s; fp16 KV cache); ratios vs {base.preset}")
     for col in ("preset", "active/total", "INT4 weights", "peak RSS so far", "metric", "value", "vs " + base.preset,
-                "bandwidth use (of copy / of read)"):
+                "bytes read / token (weights + KV)", "bandwidth use (of copy / of read)"):
         table.add_column(col)
     for r in results:
-        rows = [(f"prefill {n} tok/s (TTFT {r.ttft_s[n]:.2f}s)", v, base.prefill_tok_s[n], "")
-                for n, v in r.prefill_tok_s.items()]
-        rows += [(f"decode @{c} tok/s", v, base.decode_tok_s[c],
-                  f"{r.active_int4_bytes * v / bandwidth:.0%} / {r.active_int4_bytes * v / read:.0%}")
-                 for c, v in r.decode_tok_s.items()]
-        for i, (metric, value, ref, bw) in enumerate(rows):
+        rows = [(f"prefill {n} tok/s (TTFT {r.ttft_s[t, n]:.2f}s)", v, base.prefill_tok_s[t, n], "", "")
+                for (t, n), v in r.prefill_tok_s.items() if t == threads]
+        for (t, c), v in r.decode_tok_s.items():
+            if t != threads:
+                continue
+            read_bytes = r.active_int4_bytes + r.kv_bytes_per_position * c
+            rows.append((f"decode @{c} tok/s", v, base.decode_tok_s[t, c], human_bytes(read_bytes),
+                         f"{read_bytes * v / bandwidth:.0%} / {read_bytes * v / read:.0%}"))
+        for i, (metric, value, ref, read_text, bw) in enumerate(rows):
             head = (r.preset, f"{human_count(r.active_params)}/{human_count(r.total_params)}",
                     human_bytes(r.int4_bytes), human_bytes(r.peak_rss)) if i == 0 else ("",) * 4
-            table.add_row(*head, metric, f"{value:,.1f}", f"{value / ref:.2f}x", bw)
+            table.add_row(*head, metric, f"{value:,.1f}", f"{value / ref:.2f}x", read_text, bw)
     console.print(table)
 
 
@@ -205,9 +243,9 @@ def plot(results: list[ModelBench], path: Path) -> None:
             xs = [j + i * width for j in range(len(values))]
             ax.bar(xs, list(values.values()), width, label=r.preset)
             ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(values))],
-                          [str(k) for k in values])
-    axes[0].set(title="prefill", xlabel="prompt tokens", ylabel="tokens/s")
-    axes[1].set(title="decode", xlabel="context tokens", ylabel="tokens/s")
+                          [f"{t} thr, {n}" for t, n in values])
+    axes[0].set(title="prefill", xlabel="threads, prompt tokens", ylabel="tokens/s")
+    axes[1].set(title="decode", xlabel="threads, context tokens", ylabel="tokens/s")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -20,12 +20,13 @@ from mobilemoe.argtypes import (
 
 def _load(args: argparse.Namespace):
     """(model, tokenizer, cache dtype) from a checkpoint directory, float or INT4; `--int4` on a float checkpoint
-    rounds its weights to INT4 (g32, post-training) at load, as `save_model(..., int4=True)` would."""
+    rounds its weights to INT4 (g32, post-training) at load, as `save_model(..., int4=True)` would. The INT4
+    engine's KV cache is `--kv-cache` (fp16 by default), a float model's fp32."""
     import torch
 
     from mobilemoe.checkpoint import INT4_FORMAT, load_model, model_tensors, read_tensors
     from mobilemoe.errors import MobileMoEError
-    from mobilemoe.infer.engine import COMPUTE_DTYPE, build_int4_model, load_int4_model
+    from mobilemoe.infer.engine import build_int4_model, load_int4_model
     from mobilemoe.ui import console
 
     path = Path(args.checkpoint)
@@ -38,10 +39,10 @@ def _load(args: argparse.Namespace):
         loaded = load_model(path)
         model = build_int4_model(loaded.model.cfg, model_tensors(loaded.model, int4=True, scheme=scheme))
         tokenizer = loaded.tokenizer
-        dtype = COMPUTE_DTYPE
+        dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_cache])
     elif args.int4:
         model, tokenizer = load_int4_model(path)
-        dtype = COMPUTE_DTYPE
+        dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_cache])
     else:
         loaded = load_model(path)
         model, tokenizer, dtype = loaded.model, loaded.tokenizer, torch.float32
@@ -49,6 +50,9 @@ def _load(args: argparse.Namespace):
         raise MobileMoEError(f"{args.checkpoint} has no tokenizer.json; copy the tokenizer of the data it was "
                              "trained on into the directory")
     return model, tokenizer, dtype
+
+
+KV_CACHE_DTYPES = {"fp16": "float16", "fp32": "float32"}  # --kv-cache -> torch dtype name
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -109,7 +113,12 @@ def _bench(args: argparse.Namespace) -> None:
     from mobilemoe.infer.bench import run_bench
 
     run_bench([args.preset, *args.vs], args.prompt_lens, args.contexts, args.decode_steps,
-              args.threads, Path(args.out), compile=args.compile)
+              args.threads, Path(args.out), compile=args.compile, rounds=args.rounds)
+
+
+def _add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache", choices=list(KV_CACHE_DTYPES), default="fp16",
+                   help="the INT4 engine's KV cache: fp16 (half the bytes long contexts read; default) or fp32")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -121,6 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--prompt", type=non_empty, required=verb == "generate", help="the prompt (chat: first message)")
         p.add_argument("--int4", action="store_true", help="run INT4 weights through the engine's int4 kernels")
         add_int4_scheme_arguments(p)
+        _add_kv_cache_argument(p)
         p.add_argument("--max-new-tokens", type=positive_int, default=64)
         p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
         p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
@@ -142,6 +152,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint directory")
     p.add_argument("--int4", action="store_true", help="run INT4 weights through the engine's int4 kernels")
     add_int4_scheme_arguments(p)
+    _add_kv_cache_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--name", help="model id clients send (default: the model config's name)")
@@ -155,7 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated prompt lengths for prefill")
     p.add_argument("--contexts", type=positive_ints, default="256,1024", help="comma-separated contexts for decode")
     p.add_argument("--decode-steps", type=positive_int, default=16)
-    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--threads", type=positive_ints, default="2", help="comma-separated thread counts (e.g. 1,2)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="rounds per measurement (the median is shown)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="time the eager decode step instead of the torch.compile'd one")
     p.add_argument("--out", default="bench_results")

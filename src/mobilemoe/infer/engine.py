@@ -3,8 +3,11 @@
 Every product with an INT4 weight is 8da4w, the numbers QAT trained against: the input quantized to int8
 per token (asymmetric, torchao's scheme) and multiplied by the INT4 g32 weights in integer arithmetic, on
 our own C kernels and weight layout (`infer/q4.py`, `infer/kernels/q8q4.c`; AVX-512 VNNI, AVX-VNNI, AVX2,
-NEON sdot or portable C, chosen from the CPU). Activations between the products, the KV cache, norms,
-RoPE and routing are fp32.
+NEON sdot or portable C, chosen from the CPU). Activations between the products, norms, RoPE and routing
+are fp32; the KV cache is fp16 by default (as llama.cpp's: half the bytes that long-context decode reads,
+converted to fp32 on read), fp32 on request (`setup_cache(..., torch.float32)`). Prefill writes the same
+fp16 keys and values and attends to them as stored, so a prompt's logits are what decoding it token by
+token would give.
 
 A one-token decode step is one C call (`decode_step` in kernels/q8q4.c): embedding, every layer (norms,
 q/k/v, QK-norm, RoPE, the KV cache write, attention over the filled cache only, o, the router's top-k with
@@ -42,7 +45,9 @@ from mobilemoe.model import Attention, FeedForward, ModelOutput, MoE, Transforme
 from mobilemoe.moe import Router
 from mobilemoe.quantize import GROUP_SIZE
 
-COMPUTE_DTYPE = torch.float32  # activations and KV cache between the 8da4w products
+COMPUTE_DTYPE = torch.float32  # activations between the 8da4w products
+KV_CACHE_DTYPE = torch.float16  # the engine's default KV cache (torch.float32 also runs in the C step)
+KV_CACHE_DTYPES = (torch.float16, torch.float32)
 
 
 class Int4Linear(nn.Module):
@@ -115,7 +120,7 @@ class Int4Attention(Attention):
         if cache is None or input_pos is None:
             return super().attend(q, k, v, mask, input_pos)
         k_all, v_all = cache.update(input_pos, k.to(cache.k.dtype), v.to(cache.v.dtype))
-        if q.shape[0] == 1 and q.shape[2] == 1 and k_all.dtype == torch.float32:
+        if q.shape[0] == 1 and q.shape[2] == 1 and k_all.dtype in KV_CACHE_DTYPES:
             return attention_decode(q, k_all, v_all, input_pos[-1] + 1)
         end = int(input_pos[-1]) + 1  # prefill (eager): attend to the filled part only
         k_all, v_all = k_all[:, :, :end].to(q.dtype), v_all[:, :, :end].to(q.dtype)
@@ -169,7 +174,7 @@ class _DecodeLayer(ctypes.Structure):
 
 class _DecodeModel(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in ("n_layers", "D", "H", "KVH", "hd", "max_len", "E", "top_k",
-                                                  "qk_norm", "sigmoid", "norm_topk")]
+                                                  "qk_norm", "sigmoid", "norm_topk", "kv_f16")]
     _fields_ += [("eps", ctypes.c_float), ("route_scale", ctypes.c_float), ("inv_freq", ctypes.c_void_p),
                  ("embed", _Mat), ("head", _Mat), ("final_norm", ctypes.c_void_p),
                  ("layers", ctypes.POINTER(_DecodeLayer))]
@@ -182,12 +187,15 @@ def _mat(w: Q4Weight | None) -> _Mat:
 
 
 class Int4Transformer(Transformer):
-    """The engine's model: `Transformer` with INT4 modules, whose eager one-token decode step (batch 1, fp32
-    KV cache) is the C `decode_step`; everything else (prefill, training-style forwards, a traced step) runs
-    the torch modules. `c_decode = False` keeps decode on the torch modules too (for comparisons)."""
+    """The engine's model: `Transformer` with INT4 modules, whose eager one-token decode step (batch 1, fp16
+    or fp32 KV cache) is the C `decode_step`; everything else (prefill, training-style forwards, a traced
+    step) runs the torch modules. `c_decode = False` keeps decode on the torch modules too (for comparisons)."""
 
     c_decode = True
     _program: tuple | None = None  # (the KV cache it points into, the C struct, the layer array)
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype = KV_CACHE_DTYPE) -> None:
+        super().setup_cache(batch, max_len, dtype)
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None) -> ModelOutput:
         if (self.c_decode and targets is None and input_pos is not None and tokens.shape == (1, 1)
@@ -211,12 +219,13 @@ class Int4Transformer(Transformer):
 
     def _decode_program(self) -> _DecodeModel | None:
         """The C struct of pointers to this model's weights and KV cache; rebuilt when `setup_cache` made a new
-        cache. None where the C step does not apply (no or a non-fp32 cache, shapes it does not take)."""
+        cache. None where the C step does not apply (no cache, or one of another dtype or batch; shapes it does
+        not take)."""
         cache = self.layers[0].attn.kv_cache
         if self._program is not None and self._program[0] is cache:
             return self._program[1]
         cfg = self.cfg
-        if (cache is None or cache.k.dtype != torch.float32 or cache.k.shape[0] != 1 or cfg.d_model % 16
+        if (cache is None or cache.k.dtype not in KV_CACHE_DTYPES or cache.k.shape[0] != 1 or cfg.d_model % 16
                 or cfg.n_routed_experts > 1024 or cfg.head_dim > 256):
             return None
         layers = (_DecodeLayer * cfg.n_layers)()
@@ -234,7 +243,8 @@ class Int4Transformer(Transformer):
         program = _DecodeModel(
             cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.k.shape[2],
             cfg.n_routed_experts if cfg.is_moe else 0, cfg.top_k if cfg.is_moe else 0, int(cfg.qk_norm),
-            int(cfg.router == "sigmoid"), int(cfg.norm_topk_prob), cfg.norm_eps, cfg.routed_scaling_factor,
+            int(cfg.router == "sigmoid"), int(cfg.norm_topk_prob), int(cache.k.dtype == torch.float16),
+            cfg.norm_eps, cfg.routed_scaling_factor,
             self.inv_freq.data_ptr(),
             _mat(self.embed.weight if isinstance(self.embed, Int4Embedding) else None),
             _mat(self.lm_head.weight if isinstance(self.lm_head, Int4Linear) else None),

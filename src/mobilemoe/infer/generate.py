@@ -40,12 +40,13 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator) -> int:
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sampling: Sampling | None = None,
                     stop_ids: set[int] | frozenset = frozenset(), max_context: int | None = None,
-                    cache_dtype: torch.dtype = torch.float32, compile: bool = False,
+                    cache_dtype: torch.dtype | None = None, compile: bool = False,
                     cached: int | None = None) -> Iterator[int]:
     """Yield generated token ids one by one (streaming); stops at a stop token or `max_new_tokens`.
     `compile` captures the decode step with torch.compile (see `engine.compile_decode`). `cached`: the caller
     has set up the model's KV cache (`max_context` long) and its first `cached` positions already hold the
-    prompt's first tokens, which are not computed again; None sets up a fresh cache for this call."""
+    prompt's first tokens, which are not computed again; None sets up a fresh cache for this call.
+    `cache_dtype` None: the model's own KV cache default (fp32; the INT4 engine's fp16)."""
     sampling = sampling or Sampling()
     max_context = max_context or model.cfg.max_seq_len
     if not prompt:
@@ -55,7 +56,7 @@ def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, 
                              f"max_seq_len is {model.cfg.max_seq_len}); shorten the prompt")
     total = min(max_context, len(prompt) + max_new_tokens)
     if cached is None:
-        model.setup_cache(1, total, cache_dtype)
+        setup_cache(model, total, cache_dtype)
     start = min(cached or 0, len(prompt) - 1)  # at least the last prompt token is run, for its logits
     generator = torch.Generator().manual_seed(sampling.seed)
     decode_step = compile_decode(model) if compile else model
@@ -69,6 +70,14 @@ def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, 
             return
         logits = decode_step(torch.tensor([[token]], device=device), input_pos=torch.tensor([pos], device=device)
                              ).logits[0, -1]
+
+
+def setup_cache(model: Transformer, max_len: int, dtype: torch.dtype | None) -> None:
+    """A batch-1 KV cache of `dtype`, or of the model's default one (None)."""
+    if dtype is None:
+        model.setup_cache(1, max_len)
+    else:
+        model.setup_cache(1, max_len, dtype)
 
 
 def stream_text(tokenizer, tokens: Iterator[int], out: list[int],
@@ -88,7 +97,7 @@ def stream_text(tokenizer, tokens: Iterator[int], out: list[int],
 
 def generate_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 64,
                   sampling: Sampling | None = None, on_token: Callable[[str], None] | None = None,
-                  cache_dtype: torch.dtype = torch.float32, chat: bool = False, compile: bool = False) -> str:
+                  cache_dtype: torch.dtype | None = None, chat: bool = False, compile: bool = False) -> str:
     """Generate a continuation (or, with `chat`, an assistant reply) as text, streaming pieces to `on_token`."""
     ids = (tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)[0] if chat
            else tokenizer.encode(prompt, start=True))
@@ -103,13 +112,13 @@ class ChatSession:
     new user turn), so only the rest is prefilled."""
 
     def __init__(self, model: Transformer, tokenizer, max_context: int, sampling: Sampling | None = None,
-                 cache_dtype: torch.dtype = torch.float32, compile: bool = False):
+                 cache_dtype: torch.dtype | None = None, compile: bool = False):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling or Sampling()
         self.max_context = min(max_context, model.cfg.max_seq_len)
         self.compile = compile
         self.messages: list[dict[str, str]] = []
         self.in_cache: list[int] = []  # tokens whose keys/values the model's cache holds, position by position
-        model.setup_cache(1, self.max_context, cache_dtype)
+        setup_cache(model, self.max_context, cache_dtype)
 
     def reply(self, text: str, max_new_tokens: int, on_token: Callable[[str], None] | None = None) -> str:
         """The assistant's answer to `text` in this conversation, streamed to `on_token`."""

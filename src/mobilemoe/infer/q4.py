@@ -153,7 +153,7 @@ def q4_moe(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Q4Weight, down:
 
 def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor) -> Tensor:
     """One token's attention over cache positions 0 .. length-1 only. q [1, H, 1, hd]; caches
-    [1, KVH, max_len, hd] fp32; returns [1, H, 1, hd]."""
+    [1, KVH, max_len, hd] fp32 or fp16 (converted to fp32 as read); returns [1, H, 1, hd] fp32."""
     op = torch.ops.mobilemoe.attention_decode if torch.compiler.is_compiling() else _attention_decode
     return op(q.float().contiguous(), k_cache, v_cache, length)
 
@@ -162,7 +162,7 @@ def _attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tenso
     _, h, _, hd = q.shape
     out = torch.empty_like(q)
     q8q4_library().attention_decode(_ptr(q), _ptr(k_cache), _ptr(v_cache), h, k_cache.shape[1], hd,
-                                    k_cache.shape[2], int(length), _ptr(out))
+                                    k_cache.shape[2], int(length), int(k_cache.dtype == torch.float16), _ptr(out))
     return out
 
 

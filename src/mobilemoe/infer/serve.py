@@ -66,7 +66,7 @@ class Generated:
 class Server:
     """One model behind the OpenAI routes; `app()` is the aiohttp application."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str, cache_dtype: torch.dtype = torch.float32,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str, cache_dtype: torch.dtype | None = None,
                  max_context: int | None = None):
         self.model, self.tokenizer, self.name, self.cache_dtype = model, tokenizer, name, cache_dtype
         self.max_context = max_context or model.cfg.max_seq_len

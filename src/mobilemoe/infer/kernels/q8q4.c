@@ -21,6 +21,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -136,6 +137,57 @@ static inline float half_to_float(uint16_t h) {
 }
 
 static inline int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* ---- fp16 <-> fp32 for the KV cache (round to nearest even, as torch's .to(torch.float16)) ------------
+ * F16C / AVX-512 / NEON convert 16 / 8 / 4 values per instruction; the scalar code is the fallback. */
+static inline uint16_t float_to_half(float f) {  /* F. Giesen's float_to_half_fast3_rtne */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint16_t h;
+    if (u >= (127u + 16) << 23) h = u > 0x7F800000u ? 0x7E00 : 0x7C00;  /* >= 65536, inf: inf; nan: nan */
+    else if (u < 113u << 23) {  /* a subnormal half (or zero): let the fp32 adder round at 2^-24 */
+        const uint32_t magic_bits = 126u << 23;
+        float v, magic;
+        memcpy(&v, &u, 4);
+        memcpy(&magic, &magic_bits, 4);
+        v += magic;
+        memcpy(&u, &v, 4);
+        h = (uint16_t)(u - magic_bits);
+    } else {
+        u += ((uint32_t)(15 - 127) << 23) + 0xFFF + ((u >> 13) & 1);
+        h = (uint16_t)(u >> 13);
+    }
+    return h | (uint16_t)(sign >> 16);
+}
+
+void f32_from_f16(const uint16_t *src, float *dst, int n) {
+    int i = 0;
+#if defined(USE_AVX512)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#elif defined(USE_AVX2)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#elif defined(USE_NEON)
+    for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+void f16_from_f32(const float *src, uint16_t *dst, int n) {
+    int i = 0;
+#if defined(USE_AVX512)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(USE_AVX2)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(USE_NEON)
+    for (; i + 4 <= n; i += 4) vst1_u16(dst + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = float_to_half(src[i]);
+}
 
 #if defined(USE_AVX512)
 static inline __attribute__((always_inline)) void block_tile_n(const uint8_t *wb, const uint16_t *sb, int G,
@@ -427,76 +479,6 @@ void q4_moe(const float *x, int T, int D, const int64_t *experts, const float *w
     acts_free(&a);
 }
 
-/* Decode attention for one token over the filled part of the cache only (positions 0 .. len-1).
- * q [H][hd]; caches [KVH][max_len][hd] (fp32); out [H][hd]. Grouped-query: head h reads kv head h / (H/KVH). */
-void attention_decode(const float *q, const float *k_cache, const float *v_cache, int H, int KVH, int hd,
-                      int max_len, int len, float *out) {
-    const float scale = 1.0f / sqrtf((float)hd);
-#pragma omp parallel for schedule(static)
-    for (int h = 0; h < H; h++) {
-        const float *qh = q + (size_t)h * hd;
-        const float *kh = k_cache + (size_t)(h / (H / KVH)) * max_len * hd;
-        const float *vh = v_cache + (size_t)(h / (H / KVH)) * max_len * hd;
-        float *p = malloc(sizeof(float) * len), top = -INFINITY, sum = 0.0f;
-        for (int j = 0; j < len; j++) {
-            float dot = 0.0f;
-            for (int d = 0; d < hd; d++) dot += qh[d] * kh[(size_t)j * hd + d];
-            p[j] = dot * scale;
-            top = p[j] > top ? p[j] : top;
-        }
-        for (int j = 0; j < len; j++) sum += (p[j] = expf(p[j] - top));
-        float *o = out + (size_t)h * hd;
-        for (int d = 0; d < hd; d++) o[d] = 0.0f;
-        for (int j = 0; j < len; j++) {
-            const float w = p[j] / sum;
-            for (int d = 0; d < hd; d++) o[d] += w * vh[(size_t)j * hd + d];
-        }
-        free(p);
-    }
-}
-
-/* ---- the whole decode step ------------------------------------------------------------------------------
- * One token through every layer and the head in one call and one OpenMP parallel region: the threads stay
- * alive across the step and meet at a barrier only where the next phase needs the last one's output (about
- * ten per layer). Serial work between the products (norms, RoPE, routing, quantizing an input) is a few
- * microseconds and runs on one thread. Numbers are the eager engine's: the same kernels and the same order
- * of the floating-point steps (norm, RoPE, softmax, expert weights, shared expert then routed experts in
- * ascending id), so they differ from it only by summation order inside a norm or a dot product. */
-typedef struct {
-    const float *attn_norm, *ffn_norm;  /* [D] */
-    Mat qkv, o;                         /* q, k, v rows in one matrix */
-    float *k_cache, *v_cache;           /* [KVH][max_len][hd] fp32 */
-    Mat gate_up, down;                  /* the dense FFN, or the shared expert (gate_up.N == 0: none) */
-    const float *router, *expert_bias;  /* [E][D], [E]; router NULL: a dense layer */
-    Mat expert_gate_up, expert_down;    /* expert 0's matrices; the others follow at equal strides */
-} DecodeLayer;
-
-typedef struct {
-    int n_layers, D, H, KVH, hd, max_len, E, top_k, qk_norm, sigmoid, norm_topk;
-    float eps, route_scale;
-    const float *inv_freq;   /* [hd/2] */
-    Mat embed, head;         /* head.N == 0: the caller applies the head to `hidden` */
-    const float *final_norm;
-    const DecodeLayer *layers;
-} DecodeModel;
-
-static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
-    float ss = 0.0f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
-    const float r = 1.0f / sqrtf(ss / (float)n + eps);
-    for (int i = 0; i < n; i++) out[i] = w ? x[i] * r * w[i] : x[i] * r;
-}
-
-/* rotate-half RoPE of one head in place (cos/sin over the first half, repeated for the second) */
-static void rope(float *x, const float *cs, const float *sn, int hd) {
-    const int h = hd / 2;
-    for (int i = 0; i < h; i++) {
-        const float a = x[i], b = x[i + h];
-        x[i] = a * cs[i] + -b * sn[i];
-        x[i + h] = b * cs[i] + a * sn[i];
-    }
-}
-
 /* a dot product in 16 partial sums added up as a tree, so the compiler vectorizes it (a plain float sum
  * must keep its order) */
 static inline __attribute__((always_inline)) float dot16(const float *a, const float *b, const int n) {
@@ -527,30 +509,161 @@ static inline float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : y * scale.f;
 }
 
-/* one query head over positions 0..len-1 of its kv head; the output accumulates in a local array, which
- * stays in registers when hd is a constant (attend_head dispatches hd = 64) */
-static inline __attribute__((always_inline)) void attend_head_n(const float *qh, const float *kh, const float *vh,
-                                                                const int hd, int len, float scale, float *p,
-                                                                float *o) {
-    float top = -INFINITY, sum = 0.0f, acc[256] = {0};
-    for (int j = 0; j < len; j++) {
-        p[j] = dot16(qh, kh + (size_t)j * hd, hd) * scale;
-        top = p[j] > top ? p[j] : top;
-    }
-    for (int j = 0; j < len; j++) p[j] = exp_nonpositive(p[j] - top);
-    for (int j = 0; j < len; j++) sum += p[j];
-    const float inv = 1.0f / sum;
-    for (int j = 0; j < len; j++) {
-        const float w = p[j] * inv;
-        for (int d = 0; d < hd; d++) acc[d] += w * vh[(size_t)j * hd + d];
-    }
-    for (int d = 0; d < hd; d++) o[d] = acc[d];
+#define KV_CHUNK 4096  /* floats of keys or values handled at a time: 16 KB, stays in L1 */
+
+/* positions j0 .. j0+n-1 of one cache head as fp32: the fp32 cache itself, or converted from fp16 into buf */
+static inline const float *kv_rows(const void *head, int f16, int j0, int n, int hd, float *buf) {
+    if (!f16) return (const float *)head + (size_t)j0 * hd;
+    f32_from_f16((const uint16_t *)head + (size_t)j0 * hd, buf, n * hd);
+    return buf;
 }
 
-static void attend_head(const float *qh, const float *kh, const float *vh, int hd, int len, float scale, float *p,
-                        float *o) {
-    if (hd == 64) attend_head_n(qh, kh, vh, 64, len, scale, p, o);
-    else attend_head_n(qh, kh, vh, hd, len, scale, p, o);
+#if defined(USE_AVX512)
+/* q . k_j for 16 positions j (rows hd apart; hd a multiple of 16): each position's 16 partial sums are
+ * reduced together with the other 15 positions' (a transpose of adds: ~3 instructions a position instead of
+ * one horizontal sum each) */
+static inline __attribute__((always_inline)) __m512 dot_16_rows(const float *q, const float *k, const int hd) {
+    __m512 v[16], u[8], x[4];
+    for (int j = 0; j < 16; j++) {
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k + (size_t)j * hd));
+        for (int d = 16; d < hd; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + (size_t)j * hd + d), a);
+        v[j] = a;
+    }
+    for (int i = 0; i < 8; i++)  /* per 128-bit block: (a, b, a, b) partial sums of positions 2i, 2i+1 */
+        u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* per block: positions 4i .. 4i+3, each summed over the block */
+        const __m512d c = _mm512_castps_pd(u[2 * i]), d = _mm512_castps_pd(u[2 * i + 1]);
+        x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+    }
+    /* across the four blocks: lane 4i+l of the result = sum over blocks of x[i]'s lane l */
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+#endif
+
+/* p[j] = scale * q . k_j for positions j < m (rows hd apart) */
+static inline __attribute__((always_inline)) void scores(const float *q, const float *k, const int hd, int m,
+                                                         float scale, float *p) {
+    int j = 0;
+#if defined(USE_AVX512)
+    if (hd % 16 == 0)
+        for (; j + 16 <= m; j += 16)
+            _mm512_storeu_ps(p + j, _mm512_mul_ps(dot_16_rows(q, k + (size_t)j * hd, hd), _mm512_set1_ps(scale)));
+#endif
+    for (; j < m; j++) p[j] = dot16(q, k + (size_t)j * hd, hd) * scale;
+}
+
+/* n query heads (q [n][hd]) that share one kv head, over its positions 0..len-1: keys and values are read
+ * (and converted, from an fp16 cache) once per chunk of positions for all n heads; each head's output
+ * accumulates in local arrays, which stay in registers when hd is a constant (attend_heads dispatches
+ * hd = 64). p: [n][len] scratch; out: [n][hd]. The same floating-point steps for either cache type. */
+static inline __attribute__((always_inline)) void attend_heads_n(const float *q, int n, const void *kh,
+                                                                 const void *vh, int f16, const int hd, int len,
+                                                                 float scale, float *p, float *out) {
+    float buf[KV_CHUNK];
+    const int chunk = KV_CHUNK / hd;
+    for (int j0 = 0; j0 < len; j0 += chunk) {
+        const int m = len - j0 < chunk ? len - j0 : chunk;
+        const float *k = kv_rows(kh, f16, j0, m, hd, buf);
+        for (int i = 0; i < n; i++) scores(q + (size_t)i * hd, k, hd, m, scale, p + (size_t)i * len + j0);
+    }
+    for (int i = 0; i < n; i++) {
+        float *pi = p + (size_t)i * len, top = -INFINITY, sum = 0.0f;
+        for (int j = 0; j < len; j++) top = pi[j] > top ? pi[j] : top;
+        for (int j = 0; j < len; j++) pi[j] = exp_nonpositive(pi[j] - top);
+        for (int j = 0; j < len; j++) sum += pi[j];
+        const float inv = 1.0f / sum;
+        for (int j = 0; j < len; j++) pi[j] *= inv;
+        for (int d = 0; d < hd; d++) out[(size_t)i * hd + d] = 0.0f;
+    }
+    for (int j0 = 0; j0 < len; j0 += chunk) {
+        const int m = len - j0 < chunk ? len - j0 : chunk;
+        const float *v = kv_rows(vh, f16, j0, m, hd, buf);
+        for (int i = 0; i < n; i++) {
+            const float *pi = p + (size_t)i * len + j0;
+            float *o = out + (size_t)i * hd, acc[256], acc_odd[256];  /* two chains of adds, not one */
+            for (int d = 0; d < hd; d++) acc[d] = o[d], acc_odd[d] = 0.0f;
+            int j = 0;
+            for (; j + 2 <= m; j += 2)
+                for (int d = 0; d < hd; d++) {
+                    acc[d] += pi[j] * v[(size_t)j * hd + d];
+                    acc_odd[d] += pi[j + 1] * v[(size_t)(j + 1) * hd + d];
+                }
+            for (; j < m; j++)
+                for (int d = 0; d < hd; d++) acc[d] += pi[j] * v[(size_t)j * hd + d];
+            for (int d = 0; d < hd; d++) o[d] = acc[d] + acc_odd[d];
+        }
+    }
+}
+
+static void attend_heads(const float *q, int n, const void *kh, const void *vh, int f16, int hd, int len,
+                         float scale, float *p, float *out) {
+    if (hd == 64) attend_heads_n(q, n, kh, vh, f16, 64, len, scale, p, out);
+    else attend_heads_n(q, n, kh, vh, f16, hd, len, scale, p, out);
+}
+
+/* kv head g of a cache [KVH][max_len][hd] of fp32 or fp16 */
+static inline void *kv_head(void *cache, int f16, int g, int max_len, int hd) {
+    return (char *)cache + (size_t)g * max_len * hd * (f16 ? 2 : 4);
+}
+
+/* Decode attention for one token over the filled part of the cache only (positions 0 .. len-1).
+ * q [H][hd]; caches [KVH][max_len][hd], fp32 or (f16 != 0) fp16; out [H][hd]. Grouped-query: head h reads
+ * kv head h / (H/KVH). */
+void attention_decode(const float *q, void *k_cache, void *v_cache, int H, int KVH, int hd, int max_len, int len,
+                      int f16, float *out) {
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel for schedule(static)
+    for (int h = 0; h < H; h++) {
+        float *p = malloc(sizeof(float) * len);
+        const int g = h / (H / KVH);
+        attend_heads(q + (size_t)h * hd, 1, kv_head(k_cache, f16, g, max_len, hd), kv_head(v_cache, f16, g, max_len, hd),
+                     f16, hd, len, scale, p, out + (size_t)h * hd);
+        free(p);
+    }
+}
+
+/* ---- the whole decode step ------------------------------------------------------------------------------
+ * One token through every layer and the head in one call and one OpenMP parallel region: the threads stay
+ * alive across the step and meet at a barrier only where the next phase needs the last one's output (about
+ * ten per layer). Serial work between the products (norms, RoPE, routing, quantizing an input) is a few
+ * microseconds and runs on one thread. Numbers are the eager engine's: the same kernels and the same order
+ * of the floating-point steps (norm, RoPE, softmax, expert weights, shared expert then routed experts in
+ * ascending id), so they differ from it only by summation order inside a norm or a dot product. */
+typedef struct {
+    const float *attn_norm, *ffn_norm;  /* [D] */
+    Mat qkv, o;                         /* q, k, v rows in one matrix */
+    void *k_cache, *v_cache;            /* [KVH][max_len][hd], fp32 or fp16 (kv_f16) */
+    Mat gate_up, down;                  /* the dense FFN, or the shared expert (gate_up.N == 0: none) */
+    const float *router, *expert_bias;  /* [E][D], [E]; router NULL: a dense layer */
+    Mat expert_gate_up, expert_down;    /* expert 0's matrices; the others follow at equal strides */
+} DecodeLayer;
+
+typedef struct {
+    int n_layers, D, H, KVH, hd, max_len, E, top_k, qk_norm, sigmoid, norm_topk, kv_f16;
+    float eps, route_scale;
+    const float *inv_freq;   /* [hd/2] */
+    Mat embed, head;         /* head.N == 0: the caller applies the head to `hidden` */
+    const float *final_norm;
+    const DecodeLayer *layers;
+} DecodeModel;
+
+static void rms_norm(const float *x, const float *w, int n, float eps, float *out) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = w ? x[i] * r * w[i] : x[i] * r;
+}
+
+/* rotate-half RoPE of one head in place (cos/sin over the first half, repeated for the second) */
+static void rope(float *x, const float *cs, const float *sn, int hd) {
+    const int h = hd / 2;
+    for (int i = 0; i < h; i++) {
+        const float a = x[i], b = x[i + h];
+        x[i] = a * cs[i] + -b * sn[i];
+        x[i + h] = b * cs[i] + a * sn[i];
+    }
 }
 
 static void embed_row(const Mat *m, int token, float *out) {
@@ -578,7 +691,7 @@ static Mat mat_index(const Mat *m, int index) { return mat_at(m->w, m->s, m->cor
 /* hidden [D]: in, the token's embedding when m->embed.N == 0; out, the final-normed hidden state.
  * logits [head.N]: written when m->head.N > 0. */
 void decode_step(const DecodeModel *m, int token, int pos, float *hidden, float *logits) {
-    const int D = m->D, H = m->H, KVH = m->KVH, hd = m->hd, len = pos + 1, k = m->top_k;
+    const int D = m->D, H = m->H, KVH = m->KVH, hd = m->hd, len = pos + 1, k = m->top_k, f16 = m->kv_f16;
     int I_max = 1, I_routed = 1;
     for (int l = 0; l < m->n_layers; l++) {
         const DecodeLayer *L = &m->layers[l];
@@ -620,18 +733,30 @@ void decode_step(const DecodeModel *m, int token, int pos, float *hidden, float 
             float *v = qkv + (size_t)h * hd;
             if (m->qk_norm) rms_norm(v, NULL, hd, m->eps, v);
             rope(v, cs, sn, hd);
-            if (h >= H) {
-                const size_t at = ((size_t)(h - H) * m->max_len + pos) * hd;
-                memcpy(L->k_cache + at, v, sizeof(float) * hd);
-                memcpy(L->v_cache + at, qkv + (size_t)(H + KVH + h - H) * hd, sizeof(float) * hd);
+            if (h >= H) {  /* this position's key and value into the cache */
+                const float *value = qkv + (size_t)(H + KVH + h - H) * hd;
+                char *k_at = kv_head(L->k_cache, f16, h - H, m->max_len, hd), *v_at = kv_head(L->v_cache, f16, h - H,
+                                                                                          m->max_len, hd);
+                if (f16) {
+                    f16_from_f32(v, (uint16_t *)k_at + (size_t)pos * hd, hd);
+                    f16_from_f32(value, (uint16_t *)v_at + (size_t)pos * hd, hd);
+                } else {
+                    memcpy((float *)k_at + (size_t)pos * hd, v, sizeof(float) * hd);
+                    memcpy((float *)v_at + (size_t)pos * hd, value, sizeof(float) * hd);
+                }
             }
         }
-#pragma omp for schedule(static)
-        for (int h = 0; h < H; h++) {
-            const size_t kv = (size_t)(h / (H / KVH)) * m->max_len * hd;
-            attend_head(qkv + (size_t)h * hd, L->k_cache + kv, L->v_cache + kv, hd, len, scale, p + (size_t)h * len,
-                        att + (size_t)h * hd);
+        {  /* each thread a contiguous range of query heads; those in it that share a kv head go together */
+            const int nt = omp_get_num_threads(), t = omp_get_thread_num(), G = H / KVH;
+            for (int h = H * t / nt, end = H * (t + 1) / nt; h < end;) {
+                const int g = h / G, n = (end < (g + 1) * G ? end : (g + 1) * G) - h;
+                attend_heads(qkv + (size_t)h * hd, n, kv_head(L->k_cache, f16, g, m->max_len, hd),
+                             kv_head(L->v_cache, f16, g, m->max_len, hd), f16, hd, len, scale, p + (size_t)h * len,
+                             att + (size_t)h * hd);
+                h += n;
+            }
         }
+#pragma omp barrier
 #pragma omp single
         quantize_row(att, H * hd, &aatt, 0);
 #pragma omp for schedule(static)
