@@ -152,3 +152,33 @@ def test_weight_bytes_follow_the_int4_scheme(tied):
         size[bits], per_token[bits] = weight_bytes(model, scheme=scheme), active_int4_bytes(model.cfg, scheme)
         assert size[bits] == weight_bytes(model, bits=16) - 2 * quantized + stored
     assert size[8] > size[4] and per_token[8] - per_token[4] == size[8] - size[4]  # the head is read every token
+
+
+def test_int4_flags_default_to_the_scheme_a_checkpoint_records(tmp_path):
+    """`--int4` without --embedding-bits/--rounding quantizes a float checkpoint the way it records (a QAT stage's
+    best/); each flag overrides its field; a checkpoint recording nothing gets the paper's scheme; an unreadable
+    record is one clear error."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from mobilemoe.argtypes import int4_scheme
+    from mobilemoe.checkpoint import read_tensors
+    from mobilemoe.quantize import PAPER_SCHEME, Int4Scheme
+
+    model = Transformer(get_preset("micro-dense"))
+    save_model(tmp_path / "qat", model, scheme=Int4Scheme(embedding_bits=8))
+    save_model(tmp_path / "plain", model)
+
+    def flags(embedding_bits=None, rounding=None):
+        return argparse.Namespace(embedding_bits=embedding_bits, rounding=rounding)
+
+    assert int4_scheme(flags(), tmp_path / "qat") == Int4Scheme(8) == load_model(tmp_path / "qat").scheme
+    assert int4_scheme(flags(rounding="hqq"), tmp_path / "qat") == Int4Scheme(8, "hqq")
+    assert int4_scheme(flags(embedding_bits=4), tmp_path / "qat") == PAPER_SCHEME
+    assert int4_scheme(flags(), tmp_path / "plain") == PAPER_SCHEME == load_model(tmp_path / "plain").scheme
+    file = tmp_path / "qat" / "model.safetensors"
+    tensors, meta = read_tensors(file)
+    save_file(tensors, file, metadata={**meta, "int4_scheme": '{"embedding_bits": 6}'})
+    with pytest.raises(MobileMoEError, match="records an unreadable INT4 scheme"):
+        load_model(tmp_path / "qat")

@@ -33,7 +33,6 @@ is also what `FusedInt4Experts` computes in eager (same library), with fp32 acti
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -207,8 +206,7 @@ def quantized_decoder(source: str | Path | LoadedModel, max_seq_len: int = 256, 
     if cfg.d_model % GROUP_SIZE or (cfg.is_moe and cfg.expert_size % GROUP_SIZE):
         raise MobileMoEError(f"4-bit group-{GROUP_SIZE} weights need d_model and expert_size divisible by "
                              f"{GROUP_SIZE}")
-    scheme = loaded.scheme if embedding_bits is None else dataclasses.replace(loaded.scheme,
-                                                                              embedding_bits=embedding_bits)
+    scheme = loaded.scheme.with_overrides(embedding_bits)
     values = Int4Values(loaded, scheme)
     step = DecodeStep(loaded.model, max_seq_len, fused_moe, values).eval()
     bits = torch.int8 if scheme.embedding_bits == 8 else torch.int4
