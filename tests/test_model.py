@@ -38,9 +38,10 @@ def test_grouped_dispatch_matches_reference_forward_and_backward():
     assert grads[0][3][[1, 4]].abs().max() == 0
 
 
-def test_cuda_group_padding_matches_the_packed_groups():
-    """The CUDA layout (each expert's rows start at a multiple of 8, zero rows between), run on CPU in bf16: the
-    same outputs and gradients as the packed groups, dead experts included."""
+@pytest.mark.parametrize("align", [8, 128])
+def test_group_padding_matches_the_packed_groups(align):
+    """The padded layout (each expert's rows start at a multiple of `align`, zero rows between: CUDA's 8, CPU bf16's
+    up to 128), in bf16: the same outputs and gradients as the packed groups, dead experts included."""
     from mobilemoe.moe import grouped_swiglu, grouped_swiglu_padded
 
     x, experts, _, gate_up, down = _expert_problem(T=29, E=6, k=2)
@@ -50,12 +51,25 @@ def test_cuda_group_padding_matches_the_packed_groups():
     results = []
     for padded in (False, True):
         xs, gu, dn = (t.detach().to(torch.bfloat16).requires_grad_() for t in (x[order // 2], gate_up, down))
-        y = (grouped_swiglu_padded(xs, flat[order], counts, gu, dn) if padded
+        y = (grouped_swiglu_padded(xs, flat[order], counts, gu, dn, align=align) if padded
              else grouped_swiglu(xs, torch.cumsum(counts, 0, dtype=torch.int32), gu, dn))
         (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append([y.detach(), xs.grad, gu.grad, dn.grad])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_bf16_grouped_dispatch_matches_reference():
+    """On CPU under bf16 autocast: the grouped dispatch with padded groups vs the fp32 per-expert loop."""
+    from mobilemoe.moe import cpu_bf16_group_rows
+
+    assert [cpu_bf16_group_rows(s, 30) for s in (64, 8192, 30 * 200)] == [2, 128, 128]
+    x, experts, weights, gate_up, down = (t.detach().float() if t.is_floating_point() else t
+                                          for t in _expert_problem(T=300, D=64, I=32, E=8, k=2))
+    want = run_experts_reference(x, experts, weights, gate_up, down)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_experts(x, experts, weights, gate_up, down)
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")

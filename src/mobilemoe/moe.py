@@ -10,8 +10,12 @@ Precision and devices: `torch._grouped_mm` is not on autocast's lists, so under 
 to autocast's dtype here, as a linear would be. On CUDA the kernel takes bf16 only and wants every group to
 start 16 bytes apart along the token dimension (torchtitan pads the same way): each expert's block is padded
 with zero rows to a multiple of 8 tokens. An fp32 run on CUDA falls back to the per-expert loop. On CPU the
-kernel runs fp32 and bf16 unpadded; torch.compile's meta kernel admits bf16 only, so an fp32 grouped matmul
-stays outside the compiled graph.
+kernel is a loop of one matmul per expert: fp32 runs unpadded (MKL sgemm, no per-shape setup); bf16 goes to
+oneDNN, which JIT-builds a kernel for every new matrix shape (0.2-0.4 ms each here, kept in a cache of 1024),
+and the groups' sizes change with the routing at every step, so each expert's block is padded to a multiple
+of a power of two near the mean group size (at most 128 rows): a handful of shapes, built once, for at most
+~2x the rows (BENCHMARKS.md, "bf16 MoE on this CPU"). torch.compile's meta
+kernel admits bf16 only, so an fp32 grouped matmul stays outside the compiled graph.
 
 Expert weights are stacked like transformers' fused experts: gate_up [E, 2I, D] (gate rows first),
 down [E, D, I].
@@ -109,10 +113,11 @@ def run_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, do
     # scatter_add rather than bincount: a static output shape, so torch.compile keeps the dispatch in one graph
     counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(
         0, flat_experts, torch.ones_like(flat_experts))
-    sorted_x = x[token_of_slot].to(dtype)
+    sorted_x = x.index_select(0, token_of_slot).to(dtype)  # backward: index_add, not index_put
     gate_up, down = gate_up.to(dtype), down.to(dtype)
-    if x.is_cuda:
-        out = grouped_swiglu_padded(sorted_x, flat_experts[order], counts, gate_up, down, quantize_activation)
+    if x.is_cuda or dtype == torch.bfloat16:
+        align = GROUP_ALIGN_ROWS if x.is_cuda else cpu_bf16_group_rows(flat_experts.numel(), gate_up.shape[0])
+        out = grouped_swiglu_padded(sorted_x, flat_experts[order], counts, gate_up, down, quantize_activation, align)
     else:
         out = grouped_swiglu(sorted_x, torch.cumsum(counts, 0, dtype=torch.int32), gate_up, down, quantize_activation)
     out = out.to(x.dtype) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
@@ -131,6 +136,15 @@ def grouped_swiglu(x: Tensor, offsets: Tensor, gate_up: Tensor, down: Tensor,
 
 
 GROUP_ALIGN_ROWS = 8  # 16 bytes of bf16: where CUDA's grouped GEMM wants each group to start
+CPU_BF16_MAX_GROUP_ROWS = 128
+
+
+def cpu_bf16_group_rows(slots: int, n_experts: int) -> int:
+    """Rows each expert's group is padded to a multiple of on CPU in bf16: the largest power of two not above the
+    mean group size, at most CPU_BF16_MAX_GROUP_ROWS. Group sizes then take few values (oneDNN builds a kernel
+    per shape) and padding adds less than one mean group per expert. Shapes only: no value is read."""
+    mean = max(1, slots // n_experts)
+    return min(CPU_BF16_MAX_GROUP_ROWS, 1 << (mean.bit_length() - 1))
 
 
 def grouped_swiglu_padded(x: Tensor, expert_of_row: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor,
@@ -146,7 +160,7 @@ def grouped_swiglu_padded(x: Tensor, expert_of_row: Tensor, counts: Tensor, gate
     rows = -(-(x.shape[0] + n_experts * (align - 1)) // align) * align
     buffer = x.new_zeros(rows, x.shape[1]).index_copy(0, destination, x)
     out = grouped_swiglu(buffer, padded_end.to(torch.int32), gate_up, down, quantize_activation)
-    return out[destination]
+    return out.index_select(0, destination)
 
 
 @torch.compiler.disable
