@@ -493,6 +493,33 @@ static inline __attribute__((always_inline)) float dot16(const float *a, const f
     return dot;
 }
 
+/* the largest and the sum of n floats, in 16 partial results combined as a tree, so the loops vectorize (a
+ * plain float max or sum keeps one chain of dependent instructions: ~4 cycles a position at long contexts) */
+static inline float max16(const float *a, const int n) {
+    float part[16];
+    for (int l = 0; l < 16; l++) part[l] = -INFINITY;
+    int j0 = 0;
+    for (; j0 + 16 <= n; j0 += 16)
+        for (int l = 0; l < 16; l++) part[l] = a[j0 + l] > part[l] ? a[j0 + l] : part[l];
+    for (int w = 8; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) part[l] = part[l + w] > part[l] ? part[l + w] : part[l];
+    float top = part[0];
+    for (; j0 < n; j0++) top = a[j0] > top ? a[j0] : top;
+    return top;
+}
+
+static inline float sum16(const float *a, const int n) {
+    float part[16] = {0};
+    int j0 = 0;
+    for (; j0 + 16 <= n; j0 += 16)
+        for (int l = 0; l < 16; l++) part[l] += a[j0 + l];
+    for (int w = 8; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) part[l] += part[l + w];
+    float sum = part[0];
+    for (; j0 < n; j0++) sum += a[j0];
+    return sum;
+}
+
 /* e^x for x <= 0 without a library call, so a loop of them vectorizes: Cephes' expf (range reduction by
  * ln 2 in two parts, degree-6 polynomial, 2^n from the exponent bits), within ~2e-7 relative of expf */
 static inline float exp_nonpositive(float x) {
@@ -569,11 +596,10 @@ static inline __attribute__((always_inline)) void attend_heads_n(const float *q,
         for (int i = 0; i < n; i++) scores(q + (size_t)i * hd, k, hd, m, scale, p + (size_t)i * len + j0);
     }
     for (int i = 0; i < n; i++) {
-        float *pi = p + (size_t)i * len, top = -INFINITY, sum = 0.0f;
-        for (int j = 0; j < len; j++) top = pi[j] > top ? pi[j] : top;
+        float *pi = p + (size_t)i * len;
+        const float top = max16(pi, len);
         for (int j = 0; j < len; j++) pi[j] = exp_nonpositive(pi[j] - top);
-        for (int j = 0; j < len; j++) sum += pi[j];
-        const float inv = 1.0f / sum;
+        const float inv = 1.0f / sum16(pi, len);
         for (int j = 0; j < len; j++) pi[j] *= inv;
         for (int d = 0; d < hd; d++) out[(size_t)i * hd + d] = 0.0f;
     }
