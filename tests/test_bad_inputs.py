@@ -252,6 +252,18 @@ def test_cli_numbers(refused, argv, pattern):
     refused(*argv, patterns=[pattern])
 
 
+@pytest.mark.parametrize("argv, pattern", [
+    (["export", "hf", "OUT", "--embedding-bits", "8"], r"--embedding-bits applies where the weights are INT4"),
+    (["export", "gguf", "OUT.gguf", "--embedding-bits", "8"], r"applies .* `export gguf --quant q4_0`"),
+    (["export", "pte", "OUT.pte", "--f32", "--embedding-bits", "8"], r"without --f32\); this export writes float"),
+    (["export", "pte", "OUT.pte", "--quant", "q4_0"], r"--quant applies to `export gguf` only"),
+    (["export", "hf", "OUT", "--f32"], r"--f32 applies to `export pte` only"),
+], ids=["hf-bits", "gguf-q8-bits", "pte-f32-bits", "pte-quant", "hf-f32"])
+def test_export_flag_that_would_be_ignored_is_refused(refused, world, tmp_path, argv, pattern):
+    target, out, *flags = argv[1:]
+    refused("export", target, world["ckpt"], tmp_path / out, *flags, patterns=[pattern])
+
+
 # --- checkpoints and files that are missing, truncated or foreign ----------------------------------------------
 def broken_checkpoint(world, tmp_path, change) -> Path:
     ckpt = tmp_path / "ckpt"

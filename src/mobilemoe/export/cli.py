@@ -7,10 +7,29 @@ import argparse
 from mobilemoe.argtypes import positive_int
 
 
+def _check_export_flags(args: argparse.Namespace) -> None:
+    """A flag that does not apply to the target would be silently ignored: refuse it, saying where it applies."""
+    from mobilemoe.errors import MobileMoEError
+
+    if args.quant is not None and args.target != "gguf":
+        raise MobileMoEError(f"--quant applies to `export gguf` only; `export {args.target}` has no GGUF weight type "
+                             "(drop the flag)")
+    if args.f32 and args.target != "pte":
+        raise MobileMoEError(f"--f32 applies to `export pte` only; drop it for `export {args.target}`")
+    if args.embedding_bits is not None and (args.target == "hf" or (args.target == "gguf" and args.quant != "q4_0")
+                                            or (args.target == "pte" and args.f32)):
+        raise MobileMoEError("--embedding-bits applies where the weights are INT4: `export gguf --quant q4_0` and a "
+                             "quantized `export pte` (without --f32); this export writes float or 8-bit weights "
+                             "everywhere, so drop the flag")
+
+
 def _export(args: argparse.Namespace) -> None:
     from mobilemoe.io import claim_dir, claim_file
     from mobilemoe.ui import console, human_bytes
 
+    _check_export_flags(args)
+    if args.target == "gguf" and args.quant is None:
+        args.quant = "q8_0"
     if args.target == "hf":
         claim_dir(args.output, "hf-export", args.force)  # before any work
     else:
@@ -58,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", choices=["hf", "gguf", "pte"])
     p.add_argument("checkpoint", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("output", help="output directory (hf) or file (gguf, pte)")
-    p.add_argument("--quant", default="q8_0", choices=["q4_0", "q8_0", "f16", "f32"], help="GGUF weight type")
+    p.add_argument("--quant", choices=["q4_0", "q8_0", "f16", "f32"], help="gguf: weight type (default q8_0)")
     p.add_argument("--embedding-bits", type=int, choices=(4, 8), default=None, help="gguf q4_0: 8 writes the "
                    "embedding/output matrix as q8_0; pte: 8 makes them int8 rows (an 8da8w head), 4 INT4 g32 "
                    "(default: the checkpoint's INT4 scheme; 4 for float weights that record none)")
