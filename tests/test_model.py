@@ -59,17 +59,29 @@ def test_group_padding_matches_the_packed_groups(align):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_cpu_bf16_grouped_dispatch_matches_reference():
-    """On CPU under bf16 autocast: the grouped dispatch with padded groups vs the fp32 per-expert loop."""
-    from mobilemoe.moe import cpu_bf16_group_rows
+@pytest.mark.parametrize("skewed", [False, True])
+def test_cpu_bf16_grouped_dispatch_matches_reference(skewed):
+    """On CPU under bf16 autocast, forward and gradients vs the fp32 per-expert loop: near-equal groups go through
+    one bmm per projection, skewed ones (expert 0 in every token's top-k) through the padded per-expert loop."""
+    from mobilemoe.moe import BATCHED_CAPACITY_ROWS, BATCHED_MAX_WASTE, cpu_bf16_group_rows
 
     assert [cpu_bf16_group_rows(s, 30) for s in (64, 8192, 30 * 200)] == [2, 128, 128]
     x, experts, weights, gate_up, down = (t.detach().float() if t.is_floating_point() else t
-                                          for t in _expert_problem(T=300, D=64, I=32, E=8, k=2))
-    want = run_experts_reference(x, experts, weights, gate_up, down)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = run_experts(x, experts, weights, gate_up, down)
-    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+                                          for t in _expert_problem(T=300, D=64, I=32, E=8, k=2, dead=()))
+    if skewed:
+        experts[:, 0] = 0
+        experts[:, 1] = torch.arange(300) % 7 + 1
+    capacity = -(-int(experts.flatten().bincount().max()) // BATCHED_CAPACITY_ROWS) * BATCHED_CAPACITY_ROWS
+    assert (8 * capacity > BATCHED_MAX_WASTE * experts.numel()) == skewed  # the path this case means to test
+    results = []
+    for bf16 in (False, True):
+        inputs = [t.clone().requires_grad_() for t in (x, weights, gate_up, down)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = (run_experts if bf16 else run_experts_reference)(inputs[0], experts, *inputs[1:])
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append([y.detach()] + [t.grad for t in inputs])
+    for want, got in zip(*results, strict=True):
+        torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs it)")

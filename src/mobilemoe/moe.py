@@ -14,7 +14,8 @@ kernel is a loop of one matmul per expert: fp32 runs unpadded (MKL sgemm, no per
 oneDNN, which JIT-builds a kernel for every new matrix shape (0.2-0.4 ms each here, kept in a cache of 1024),
 and the groups' sizes change with the routing at every step, so each expert's block is padded to a multiple
 of a power of two near the mean group size (at most 128 rows): a handful of shapes, built once, for at most
-~2x the rows (BENCHMARKS.md, "bf16 MoE on this CPU"). torch.compile's meta
+~2x the rows (BENCHMARKS.md, "bf16 MoE on this CPU"). When the groups are near-equal, CPU bf16 instead pads
+every group to one capacity and runs each projection as a single `torch.bmm` (`cpu_bf16_swiglu`). torch.compile's meta
 kernel admits bf16 only, so an fp32 grouped matmul stays outside the compiled graph.
 
 Expert weights are stacked like transformers' fused experts: gate_up [E, 2I, D] (gate rows first),
@@ -113,15 +114,19 @@ def run_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, do
     # scatter_add rather than bincount: a static output shape, so torch.compile keeps the dispatch in one graph
     counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(
         0, flat_experts, torch.ones_like(flat_experts))
-    sorted_x = x.index_select(0, token_of_slot).to(dtype)  # backward: index_add, not index_put
+    # Cast before the gather: T rows instead of T * k. index_select's backward is index_add, not index_put.
+    sorted_x = x.to(dtype).index_select(0, token_of_slot)
     gate_up, down = gate_up.to(dtype), down.to(dtype)
-    if x.is_cuda or dtype == torch.bfloat16:
-        align = GROUP_ALIGN_ROWS if x.is_cuda else cpu_bf16_group_rows(flat_experts.numel(), gate_up.shape[0])
-        out = grouped_swiglu_padded(sorted_x, flat_experts[order], counts, gate_up, down, quantize_activation, align)
+    if x.is_cuda:
+        out = grouped_swiglu_padded(sorted_x, flat_experts[order], counts, gate_up, down, quantize_activation)
+    elif dtype == torch.bfloat16:
+        align = cpu_bf16_group_rows(flat_experts.numel(), gate_up.shape[0])
+        out = cpu_bf16_swiglu(sorted_x, flat_experts[order], counts, gate_up, down, quantize_activation, align)
     else:
         out = grouped_swiglu(sorted_x, torch.cumsum(counts, 0, dtype=torch.int32), gate_up, down, quantize_activation)
-    out = out.to(x.dtype) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of_slot, out)
+    # Weighted and summed in the compute dtype, cast once per token (not per slot) back to x's dtype.
+    out = out * weights.flatten()[order].unsqueeze(-1).to(dtype)
+    return torch.zeros_like(x, dtype=dtype).index_add_(0, token_of_slot, out).to(x.dtype)
 
 
 def grouped_swiglu(x: Tensor, offsets: Tensor, gate_up: Tensor, down: Tensor,
@@ -161,6 +166,40 @@ def grouped_swiglu_padded(x: Tensor, expert_of_row: Tensor, counts: Tensor, gate
     buffer = x.new_zeros(rows, x.shape[1]).index_copy(0, destination, x)
     out = grouped_swiglu(buffer, padded_end.to(torch.int32), gate_up, down, quantize_activation)
     return out.index_select(0, destination)
+
+
+BATCHED_MAX_WASTE = 2.0  # bmm over equal-capacity groups while E * capacity <= this many times the slots
+# The capacity is rounded up to this: the largest group moves by a few rows from step to step, so a handful of
+# shapes repeat (oneDNN builds a kernel per shape), and the padding stays small next to ~1.5x from the max group.
+BATCHED_CAPACITY_ROWS = 32
+
+
+@torch.compiler.disable  # a data-dependent shape: read on the host, outside the graph (torch.compile resumes after)
+def _batched_capacity(counts: Tensor) -> int:
+    return -(-int(counts.max()) // BATCHED_CAPACITY_ROWS) * BATCHED_CAPACITY_ROWS
+
+
+def cpu_bf16_swiglu(x: Tensor, expert_of_row: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor,
+                    quantize_activation: Callable[[Tensor], Tensor] | None, align: int) -> Tensor:
+    """CPU bf16 experts. torch's CPU grouped matmul is one small matmul per expert (~34 us of overhead each, 4 per
+    expert per step); when the groups are near-equal, one `torch.bmm` per projection over every expert's group
+    padded to the same capacity (the largest group, rounded up to BATCHED_CAPACITY_ROWS so shapes repeat) does the
+    same maths in one call. Skewed routing would pad too much: then the per-expert loop over `align`-padded groups."""
+    n_experts = counts.shape[0]
+    capacity = _batched_capacity(counts)
+    if n_experts * capacity > BATCHED_MAX_WASTE * x.shape[0]:
+        return grouped_swiglu_padded(x, expert_of_row, counts, gate_up, down, quantize_activation, align)
+    position = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_of_row]
+    destination = expert_of_row * capacity + position
+    # Zero rows, not empty: their output gradient is zero, but 0 * (garbage NaN) would reach the weights' gradient.
+    buffer = x.new_zeros(n_experts * capacity, x.shape[1]).index_copy(0, destination, x)
+    hidden = torch.bmm(buffer.view(n_experts, capacity, -1), gate_up.transpose(-2, -1))
+    gate, up = hidden.chunk(2, dim=-1)
+    hidden = F.silu(gate) * up
+    if quantize_activation is not None:
+        hidden = quantize_activation(hidden)
+    out = torch.bmm(hidden, down.transpose(-2, -1))
+    return out.view(n_experts * capacity, -1).index_select(0, destination)
 
 
 @torch.compiler.disable
