@@ -39,13 +39,12 @@ def _load(args: argparse.Namespace):
         loaded = load_model(path)
         model = build_int4_model(loaded.model.cfg, model_tensors(loaded.model, int4=True, scheme=scheme))
         tokenizer = loaded.tokenizer
-        dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_cache])
     elif args.int4:
         model, tokenizer = load_int4_model(path)
-        dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_cache])
     else:
         loaded = load_model(path)
-        model, tokenizer, dtype = loaded.model, loaded.tokenizer, torch.float32
+        model, tokenizer = loaded.model, loaded.tokenizer
+    dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_cache]) if args.int4 else torch.float32
     if tokenizer is None:
         raise MobileMoEError(f"{args.checkpoint} has no tokenizer.json; copy the tokenizer of the data it was "
                              "trained on into the directory")
