@@ -128,6 +128,24 @@ def test_evaluate_float_and_int4_tables_and_compare(checkpoint, tmp_path, monkey
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0 and (tmp_path / "cmp" / "compare.md").exists()
 
 
+def test_python_int4_eval_follows_the_scheme_the_checkpoint_records(checkpoint, tmp_path):
+    """A QAT stage's float checkpoint records the scheme it trained against; `evaluate(..., int4=True)` from
+    Python quantizes as it says (as the CLI does), and an explicit scheme still wins."""
+    from mobilemoe.checkpoint import load_model
+    from mobilemoe.quantize import PAPER_SCHEME, Int4Scheme
+
+    loaded = load_model(checkpoint)
+    eight_bit = Int4Scheme(embedding_bits=8)
+    save_model(tmp_path / "qat", loaded.model, loaded.tokenizer, scheme=eight_bit)
+    follows = load_for_eval(tmp_path / "qat", int4=True)
+    explicit = load_for_eval(checkpoint, int4=True, scheme=eight_bit)
+    assert follows.scheme == eight_bit and torch.equal(follows.model.embed.weight, explicit.model.embed.weight)
+    assert not torch.equal(follows.model.embed.weight, load_for_eval(checkpoint, int4=True).model.embed.weight)
+    result = evaluate(tmp_path / "qat", [local_task()], show_progress=False, int4=True)
+    assert result["int4_scheme"]["embedding_bits"] == 8 and result["model"].endswith(eight_bit.suffix)
+    assert load_for_eval(tmp_path / "qat", int4=True, scheme=PAPER_SCHEME).scheme == PAPER_SCHEME
+
+
 def test_evaluate_resumes_finished_tasks(checkpoint, tmp_path, monkeypatch):
     import mobilemoe.eval.runner as runner
 

@@ -108,6 +108,15 @@ def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise MobileMoEError(f"{file} is missing or corrupt ({err}); re-export or re-train it") from None
 
 
+def read_metadata(file: Path) -> dict[str, str]:
+    """The safetensors metadata of `file`, without reading its tensors."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise MobileMoEError(f"{file} is missing or corrupt ({err}); re-export or re-train it") from None
+
+
 def checkpoint_scheme(directory: str | Path) -> Int4Scheme:
     """The INT4 scheme a checkpoint records (see module docstring); the paper's where it records none (float
     weights, or a missing file: the loader reports those)."""

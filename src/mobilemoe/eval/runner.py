@@ -31,11 +31,13 @@ PERCENT_METRICS = ("acc", "acc_norm", "exact_match")
 
 
 def load_for_eval(source: str | Path | LoadedModel | Transformer, tokenizer: str | Path | Tokenizer | None = None,
-                  int4: bool = False, scheme: Int4Scheme = PAPER_SCHEME) -> LoadedModel:
+                  int4: bool = False, scheme: Int4Scheme | None = None) -> LoadedModel:
     """A model to evaluate: a checkpoint directory (float or INT4), a directory written by `mobilemoe export hf`,
     a released facebook/MobileMoE-* directory, a preset name (random weights: a chance-level baseline), a
     LoadedModel or a Transformer. `tokenizer` (a tokenizer.json or a directory) overrides the model's own.
-    `int4`: quantize a float model's weights to our INT4 format (PTQ, group 32, as `scheme` says) first."""
+    `int4`: quantize a float model's weights to our INT4 format (PTQ, group 32) first, as `scheme` says; None:
+    the scheme the checkpoint records (a QAT stage's float weights record what they were trained against), else
+    the paper's. The returned `scheme` is the one the INT4 weights follow."""
     from mobilemoe.checkpoint import load_model
     from mobilemoe.config import PRESETS, get_preset
 
@@ -74,8 +76,9 @@ def load_for_eval(source: str | Path | LoadedModel | Transformer, tokenizer: str
                              f"model's vocabulary has {loaded.model.cfg.vocab_size}: they do not belong together")
     if int4 and not loaded.int4:
         if isinstance(source, LoadedModel | Transformer):  # the caller's model stays float
-            loaded = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, False, loaded.path)
-        quantize_weights_int4(loaded.model, scheme)
+            loaded = LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, False, loaded.path, loaded.scheme)
+        loaded.scheme = scheme or loaded.scheme
+        quantize_weights_int4(loaded.model, loaded.scheme)
         loaded.int4 = True
     return loaded
 
@@ -97,18 +100,20 @@ def quantize_weights_int4(model: Transformer, scheme: Int4Scheme = PAPER_SCHEME)
 def evaluate(model: str | Path | LoadedModel | Transformer, tasks: str | Sequence[str | Task] | None = None,
              limit: int | None = None, batch_size: int = 8, tokenizer: str | Path | Tokenizer | None = None,
              label: str | None = None, show_progress: bool = True, int4: bool = False,
-             scheme: Int4Scheme = PAPER_SCHEME, resume_dir: str | Path | None = None) -> dict[str, Any]:
+             scheme: Int4Scheme | None = None, resume_dir: str | Path | None = None) -> dict[str, Any]:
     """Zero-shot scores of `model` on `tasks` (names, a comma-separated string, Task objects; None: the
     14-task default suite). `limit` caps the documents per task; `int4` evaluates the INT4 PTQ (g32) of a
-    float model, quantized as `scheme` says. `resume_dir`: each finished task's result is written there
-    (tasks/<name>.json, atomically) and a task already there for the same model, settings and limit is not
-    run again, so a long evaluation can be stopped and continued. Returns the result dict described above."""
+    float model, quantized as `scheme` says (None: as the checkpoint records, see `load_for_eval`).
+    `resume_dir`: each finished task's result is written there (tasks/<name>.json, atomically) and a task
+    already there for the same model, settings and limit is not run again, so a long evaluation can be stopped
+    and continued. Returns the result dict described above."""
     from mobilemoe.eval.scoring import Scorer
     from mobilemoe.ui import progress
 
     task_list = resolve_tasks(tasks)  # unknown names fail before the model loads
     examples = {task.name: task.examples(limit) for task in task_list}  # and missing data too
     loaded = load_for_eval(model, tokenizer, int4, scheme)
+    scheme = loaded.scheme
     scorer = Scorer(loaded.model, loaded.tokenizer, batch_size)
     settings = {"source": str(Path(loaded.path).resolve()), "int4": loaded.int4, "limit": limit,
                 "int4_scheme": dataclasses.asdict(scheme) if int4 else None,

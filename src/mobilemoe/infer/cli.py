@@ -24,13 +24,13 @@ def _load(args: argparse.Namespace):
     engine's KV cache is `--kv-cache` (fp16 by default), a float model's fp32."""
     import torch
 
-    from mobilemoe.checkpoint import INT4_FORMAT, load_model, model_tensors, read_tensors
+    from mobilemoe.checkpoint import INT4_FORMAT, load_model, model_tensors, read_metadata
     from mobilemoe.errors import MobileMoEError
     from mobilemoe.infer.engine import build_int4_model, load_int4_model
     from mobilemoe.ui import console
 
     path = Path(args.checkpoint)
-    float_weights = (path / "model.safetensors").is_file() and read_tensors(path / "model.safetensors")[1].get(
+    float_weights = (path / "model.safetensors").is_file() and read_metadata(path / "model.safetensors").get(
         "quantization") != INT4_FORMAT
     if args.int4 and float_weights:
         scheme = int4_scheme(args, path)
