@@ -114,8 +114,12 @@ def run_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, do
     # scatter_add rather than bincount: a static output shape, so torch.compile keeps the dispatch in one graph
     counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(
         0, flat_experts, torch.ones_like(flat_experts))
-    # Cast before the gather: T rows instead of T * k. index_select's backward is index_add, not index_put.
+    # Every gather that carries a gradient is an index_select: its backward is index_add, a serial loop over the rows
+    # on CPU. Advanced indexing (x[i]) backprops through index_put_(accumulate=True), which CPU runs with parallel
+    # atomic float adds: a token's k slot gradients then sum in a different order from run to run, and a resumed run
+    # no longer replays its steps bit for bit. Cast before the gather: T rows instead of T * k.
     sorted_x = x.to(dtype).index_select(0, token_of_slot)
+    slot_weights = weights.flatten().index_select(0, order).to(dtype)
     gate_up, down = gate_up.to(dtype), down.to(dtype)
     if x.is_cuda:
         out = grouped_swiglu_padded(sorted_x, flat_experts[order], counts, gate_up, down, quantize_activation)
@@ -125,7 +129,7 @@ def run_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, do
     else:
         out = grouped_swiglu(sorted_x, torch.cumsum(counts, 0, dtype=torch.int32), gate_up, down, quantize_activation)
     # Weighted and summed in the compute dtype, cast once per token (not per slot) back to x's dtype.
-    out = out * weights.flatten()[order].unsqueeze(-1).to(dtype)
+    out = out * slot_weights.unsqueeze(-1)
     return torch.zeros_like(x, dtype=dtype).index_add_(0, token_of_slot, out).to(x.dtype)
 
 
