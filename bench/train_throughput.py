@@ -6,8 +6,8 @@ each round steps every (model, mode) once, and the median over rounds is reporte
         [--modes fp32,bf16,bf16+compile] [--batch 16 --seq 256 --rounds 10] [--per-expert-loop]
 
 A step is what the trainer does: forward and loss under the mode's autocast, backward, fused AdamW
-(train/runtime.py). `--per-expert-loop` adds each MoE in fp32 with `moe.run_experts_reference` as its dispatch
-(the grouped dispatch's baseline).
+(train/runtime.py), then the MoE's balancing-bias update. `--per-expert-loop` adds each MoE in fp32 with
+`moe.run_experts_reference` as its dispatch (the grouped dispatch's baseline).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class Case:
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_expert_bias()  # as the trainer does: without it the routing stays as uneven as at init
         return time.perf_counter() - started
 
     @property
