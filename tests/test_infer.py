@@ -141,14 +141,16 @@ def test_fp16_kv_cache_decodes_what_the_fp32_cache_decodes():
 @pytest.mark.parametrize(("overrides", "cache_dtype"), [
     ({"preset": "micro-moe"}, torch.float16), ({"preset": "micro-moe"}, torch.float32),
     ({"preset": "micro-dense", "n_kv_heads": 1}, torch.float16),
+    ({"preset": "tiny-moe", "d_model": 384, "n_heads": 6, "head_dim": 64}, torch.float16),
     ({"preset": "micro-moe", "router": "softmax", "qk_norm": False, "tie_embeddings": False, "moe_layer_step": 2,
       "ffn_size": 192}, torch.float16)])
 def test_c_decode_step_computes_what_the_torch_modules_compute(overrides, cache_dtype):
     """The whole decode step in one C call (embedding, layers, head) vs the engine's torch modules running the
     same kernels product by product, step by step from the same KV cache (fp16, the default, or fp32): both
     router kinds, QK-norm on and off, a dense layer in a MoE model, an untied head, all query heads on one kv
-    head. The norms sum in another order than torch's, so an int8 activation can round the other way now and
-    then (an ~1e-3 change); most steps agree to float precision."""
+    head, heads of 64 (MobileMoE-S's: the AVX-512 attention kernel) three to a kv head. The norms sum in another
+    order than torch's, so an int8 activation can round the other way now and then (an ~1e-3 change); most
+    steps agree to float precision."""
     torch.manual_seed(0)
     cfg = resolve_model_config(overrides)
     engine = build_int4_model(cfg, model_tensors(Transformer(cfg), int4=True))
@@ -304,11 +306,14 @@ def test_kernel_moe_and_ffn_equal_the_reference(kernel_variant, n_tokens):
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("hd", "length"), [(16, 23), (64, 200)])  # 200 positions: more than one chunk of 64
-def test_decode_attention_reads_only_the_filled_cache(kernel_variant, cache_dtype, hd, length):
+@pytest.mark.parametrize(("hd", "length", "heads"), [(16, 23, 6), (64, 200, 6), (64, 65, 10), (64, 130, 8)])
+def test_decode_attention_reads_only_the_filled_cache(kernel_variant, cache_dtype, hd, length, heads):
+    """Over more than one chunk of 64 positions and a partial one; 3, 5 and 8 query heads per kv head (the
+    AVX-512 kernel takes at most 6 at a time); 8 heads on one kv head (heads // 2 else)."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 6, 1, hd), torch.randn(1, 2, 240, hd).to(cache_dtype), torch.randn(1, 2, 240, hd).to(
-        cache_dtype)
+    kv_heads = 1 if heads == 8 else 2
+    q, k, v = torch.randn(1, heads, 1, hd), torch.randn(1, kv_heads, 240, hd).to(cache_dtype), torch.randn(
+        1, kv_heads, 240, hd).to(cache_dtype)
     want = F.scaled_dot_product_attention(q, k[:, :, :length].float(), v[:, :, :length].float(), enable_gqa=True)
     k[:, :, length:], v[:, :, length:] = float("nan"), float("nan")  # never read
     torch.testing.assert_close(q4.attention_decode(q, k, v, torch.tensor(length)), want, rtol=1e-5, atol=1e-5)

@@ -124,6 +124,10 @@ class Int4Attention(Attention):
             return attention_decode(q, k_all, v_all, input_pos[-1] + 1)
         end = int(input_pos[-1]) + 1  # prefill (eager): attend to the filled part only
         k_all, v_all = k_all[:, :, :end].to(q.dtype), v_all[:, :, :end].to(q.dtype)
+        if end == q.shape[2] and int(input_pos[0]) == 0:
+            # a prompt from position 0: its mask is the causal one, and is_causal lets torch's flash kernel skip
+            # the blocks above the diagonal (given as a mask, every block is computed and then masked)
+            return F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=None if mask is None else mask[..., :end],
                                               enable_gqa=True)
 

@@ -623,8 +623,123 @@ static inline __attribute__((always_inline)) void attend_heads_n(const float *q,
     }
 }
 
+#if defined(USE_AVX512)
+/* e^x for x <= 0 on 16 lanes: exp_nonpositive's steps, 2^n applied by vscalefps */
+static inline __m512 exp16_nonpositive(const __m512 x) {
+    const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                     _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), _mm512_scalef_ps(y, n));
+}
+
+#define ATT_CHUNK 64  /* positions per pass: their fp32 keys (16 KB at hd 64) stay in L1 */
+
+static inline __mmask16 first_lanes(int n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+
+/* attend_heads_n for hd = 64 on AVX-512, B (<= 6) query heads sharing one kv head, in one pass over the
+ * positions (online softmax, as FlashAttention: arXiv 2205.14135): per chunk of 64 positions the keys are
+ * converted once into an L1 buffer for the B heads' scores, the chunk's exponentials are taken against the
+ * running max (the sums and outputs so far rescaled when it grows), and each value row is converted in
+ * registers and multiplied into all B heads' outputs, which stay in registers (B x 4 of them). A head's
+ * numbers do not depend on B (the same steps in the same order), so the C step and the per-head torch path
+ * agree. */
+static inline __attribute__((always_inline)) void attend_group_64(const float *q, const int B, const void *kh,
+                                                                   const void *vh, const int f16, int len,
+                                                                   float scale, float *out) {
+    enum { HD = 64 };
+    float kbuf[ATT_CHUNK * HD], s[6][ATT_CHUNK], top[6], sum[6];
+    __m512 acc[6][4];
+    for (int i = 0; i < B; i++)
+        for (int d = 0; d < 4; d++) acc[i][d] = _mm512_setzero_ps();
+    for (int i = 0; i < B; i++) top[i] = -INFINITY, sum[i] = 0.0f;
+    for (int j0 = 0; j0 < len; j0 += ATT_CHUNK) {
+        const int m = len - j0 < ATT_CHUNK ? len - j0 : ATT_CHUNK;
+        const float *k = kv_rows(kh, f16, j0, m, HD, kbuf);
+        for (int i = 0; i < B; i++) {
+            scores(q + i * HD, k, HD, m, scale, s[i]);
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int j = 0; j < m; j += 16)  /* lanes past the chunk's end read as -inf */
+                mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(m - j), s[i] + j));
+            const float chunk_top = _mm512_reduce_max_ps(mx);
+            if (chunk_top > top[i]) {  /* rescale what was summed against the old max */
+                const float r = exp_nonpositive(top[i] - chunk_top);
+                for (int d = 0; d < 4; d++) acc[i][d] = _mm512_mul_ps(acc[i][d], _mm512_set1_ps(r));
+                sum[i] *= r;
+                top[i] = chunk_top;
+            }
+            __m512 total = _mm512_setzero_ps();
+            for (int j = 0; j < m; j += 16) {
+                const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(m - j), s[i] + j);
+                const __m512 e = exp16_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(top[i])));  /* -inf: 0 */
+                _mm512_storeu_ps(s[i] + j, e);
+                total = _mm512_add_ps(total, e);
+            }
+            sum[i] += _mm512_reduce_add_ps(total);
+        }
+        for (int j = 0; j < m; j++) {
+            const size_t row = (size_t)(j0 + j) * HD;
+            if (j0 + ATT_CHUNK + j < len) {  /* the next chunk's key and value rows, while this one computes */
+                const size_t ahead = row + (size_t)ATT_CHUNK * HD;
+                const size_t bytes = f16 ? 2 : 4;
+                for (size_t o = 0; o < HD * bytes; o += 64) {
+                    _mm_prefetch((const char *)kh + ahead * bytes + o, _MM_HINT_T0);
+                    _mm_prefetch((const char *)vh + ahead * bytes + o, _MM_HINT_T0);
+                }
+            }
+            __m512 v[4];
+            for (int d = 0; d < 4; d++)
+                v[d] = f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)vh + row + 16 * d)))
+                           : _mm512_loadu_ps((const float *)vh + row + 16 * d);
+            for (int i = 0; i < B; i++) {
+                const __m512 pj = _mm512_set1_ps(s[i][j]);
+                for (int d = 0; d < 4; d++) acc[i][d] = _mm512_fmadd_ps(pj, v[d], acc[i][d]);
+            }
+        }
+    }
+    for (int i = 0; i < B; i++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / sum[i]);
+        for (int d = 0; d < 4; d++)
+            _mm512_storeu_ps(out + i * HD + 16 * d, _mm512_mul_ps(acc[i][d], inv));
+    }
+}
+
+static void attend_group_64_any(const float *q, int n, const void *kh, const void *vh, int f16, int len, float scale,
+                                float *out) {
+#define ATTEND(b)                                                     \
+    if (f16) attend_group_64(q, b, kh, vh, 1, len, scale, out);      \
+    else attend_group_64(q, b, kh, vh, 0, len, scale, out);          \
+    break
+    switch (n) {
+        case 1: ATTEND(1);
+        case 2: ATTEND(2);
+        case 3: ATTEND(3);
+        case 4: ATTEND(4);
+        case 5: ATTEND(5);
+        default: ATTEND(6);
+    }
+#undef ATTEND
+}
+#endif
+
 static void attend_heads(const float *q, int n, const void *kh, const void *vh, int f16, int hd, int len,
                          float scale, float *p, float *out) {
+#if defined(USE_AVX512)
+    if (hd == 64) {
+        for (int i = 0; i < n; i += 6) {  /* at most 6 heads' outputs (24 registers) at a time */
+            const int b = n - i < 6 ? n - i : 6;
+            attend_group_64_any(q + (size_t)i * 64, b, kh, vh, f16, len, scale, out + (size_t)i * 64);
+        }
+        return;
+    }
+#endif
     if (hd == 64) attend_heads_n(q, n, kh, vh, f16, 64, len, scale, p, out);
     else attend_heads_n(q, n, kh, vh, f16, hd, len, scale, p, out);
 }
@@ -708,12 +823,51 @@ static void embed_row(const Mat *m, int token, float *out) {
 /* rows nb*16 .. nb*16+15 of m times activation row `row` of a into y (+)= coef * (m x) */
 static inline void gemv_block(const Mat *m, int nb, const Acts *a, int row, float *y, const float *coef,
                               int accumulate) {
+#if defined(USE_AVX512)
+    /* product_tile for one token with its epilogue in registers (no tile buffer, no scalar loop): the same
+     * floating-point steps, so the same numbers. It also prefetches the matrix's next block: the hardware
+     * prefetcher alone left decode 10-13% slower (S and Pro, 1 and 2 threads, BENCHMARKS.md). */
+    const int K = m->K, G = K / GROUP;
+    const uint8_t *wb = m->w + (size_t)nb * K * 8;
+    const uint16_t *sb = m->s + (size_t)nb * G * ROWS;
+    const int8_t *qa = a->q + (size_t)row * K;
+    const int32_t *gs = a->gsum + (size_t)row * G;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const int more = nb + 1 < m->N / ROWS;
+    __m512 acc = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+        if (more) {  /* the next block's weights and scales, while this one computes */
+            for (int c = 0; c < 4; c++)
+                _mm_prefetch((const char *)(wb + (size_t)K * 8 + (size_t)(g * 4 + c) * 64), _MM_HINT_T0);
+            if (g % 2 == 0) _mm_prefetch((const char *)(sb + (size_t)G * ROWS + g * ROWS), _MM_HINT_T0);
+        }
+        for (int c = 0; c < 4; c++) {
+            const __m512i b = _mm512_loadu_si512((const void *)(wb + (size_t)(g * 4 + c) * 64));
+            d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(b, low), _mm512_set1_epi32(load_i32(qa + g * GROUP + c * 8)));
+            d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(b, 4), low),
+                                     _mm512_set1_epi32(load_i32(qa + g * GROUP + c * 8 + 4)));
+        }
+        const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb + g * ROWS)));
+        const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(d0, d1), _mm512_set1_epi32(8 * gs[g]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc);
+    }
+    const float sa = a->scale[row] * (coef ? coef[0] : 1.0f), zp = (float)a->zero[row];
+    /* sa * (acc - zp * corr), rounded as the compiler contracts product_tile's scalar steps (one fnmadd) */
+    const __m512 v = _mm512_mul_ps(_mm512_set1_ps(sa), _mm512_fnmadd_ps(_mm512_set1_ps(zp),
+                                                                        _mm512_loadu_ps(m->corr + nb * ROWS), acc));
+    float *out = y + nb * ROWS;
+    _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), v) : v);
+#else
     float *dst[1] = {y};
     product_tile(m, nb, a, &row, 1, dst, coef, accumulate);
+#endif
 }
 
 static Mat mat_index(const Mat *m, int index) { return mat_at(m->w, m->s, m->corr, m->N, m->K, index); }
 
+/* hidden [D]: in, the token's embedding when m->embed.N == 0; out, the final-normed hidden state.
+ * logits [head.N]: written when m->head.N > 0. */
 /* hidden [D]: in, the token's embedding when m->embed.N == 0; out, the final-normed hidden state.
  * logits [head.N]: written when m->head.N > 0. */
 void decode_step(const DecodeModel *m, int token, int pos, float *hidden, float *logits) {
