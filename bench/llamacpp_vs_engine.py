@@ -40,6 +40,7 @@ from mobilemoe.data.documents import read_embedded
 from mobilemoe.export.gguf import export_gguf
 from mobilemoe.infer.bench import active_int4_bytes, copy_bandwidth, interleaved, read_bandwidth, real_text_ids
 from mobilemoe.infer.engine import load_int4_model
+from mobilemoe.infer.generate import last_position
 from mobilemoe.model import Transformer
 from mobilemoe.tokenizer import train_bpe
 from mobilemoe.ui import console
@@ -123,7 +124,7 @@ def run(engines: dict[str, Transformer], llm, ids: list[int], context: int, args
 
     def engine_prefill(name: str, n: int) -> None:
         engines[name].setup_cache(1, n_ctx, CACHE_DTYPES[name])
-        engines[name](torch.tensor([ids[:n]]), input_pos=torch.arange(n))
+        engines[name](torch.tensor([ids[:n]]), input_pos=torch.arange(n), logits_at=last_position(n))
 
     def llama_prefill(n: int) -> None:
         llm.reset()
@@ -172,7 +173,8 @@ def cold_start_child(impl: str, path: str) -> dict:
         loaded_s, after_load = time.perf_counter() - started, _rss()
         with torch.inference_mode():
             engine.setup_cache(1, COLD_PROMPT + 1)
-            int(engine(torch.tensor([ids]), input_pos=torch.arange(COLD_PROMPT)).logits[0, -1].argmax())
+            int(engine(torch.tensor([ids]), input_pos=torch.arange(COLD_PROMPT),
+                       logits_at=last_position(COLD_PROMPT)).logits[0, -1].argmax())
     else:
         from llama_cpp import Llama
 

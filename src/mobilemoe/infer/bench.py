@@ -27,6 +27,7 @@ from mobilemoe.infer.engine import (
     load_int4_model,
     random_int4_tensors,
 )
+from mobilemoe.infer.generate import last_position
 from mobilemoe.io import atomic_write_json
 from mobilemoe.model import Transformer, build_on_meta, count_parameters
 from mobilemoe.quantize import INT4_BYTES_PER_PARAM, PAPER_SCHEME, Int4Scheme, weight_bytes
@@ -154,7 +155,7 @@ def interleaved(items: list, work, rounds: int) -> list[float]:
 
 def _prefill(model: Transformer, ids: list[int], extra: int = 1) -> None:
     model.setup_cache(1, len(ids) + extra)  # the engine's default KV cache (fp16)
-    model(torch.tensor([ids]), input_pos=torch.arange(len(ids)))
+    model(torch.tensor([ids]), input_pos=torch.arange(len(ids)), logits_at=last_position(len(ids)))
 
 
 def active_int4_bytes(cfg: ModelConfig, scheme: Int4Scheme = PAPER_SCHEME) -> int:

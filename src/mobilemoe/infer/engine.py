@@ -201,14 +201,15 @@ class Int4Transformer(Transformer):
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype = KV_CACHE_DTYPE) -> None:
         super().setup_cache(batch, max_len, dtype)
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None,
+                logits_at: Tensor | None = None) -> ModelOutput:
         if (self.c_decode and targets is None and input_pos is not None and tokens.shape == (1, 1)
                 and not torch.compiler.is_compiling()):
             program = self._decode_program()
             pos = int(input_pos[0])
             if program is not None and 0 <= pos < program.max_len:
                 return ModelOutput(self._decode(program, int(tokens[0, 0]), pos))
-        return super().forward(tokens, targets, input_pos)
+        return super().forward(tokens, targets, input_pos, logits_at=logits_at)
 
     def _decode(self, program: _DecodeModel, token: int, pos: int) -> Tensor:
         hidden = torch.empty(self.cfg.d_model)
