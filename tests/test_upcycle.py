@@ -185,3 +185,16 @@ def test_upcycled_checkpoint_exports_to_pte(parent, tmp_path):
     with torch.no_grad():
         want = eager(torch.tensor([[5]]), torch.tensor([0]))[0, -1]
     assert moe.cfg.is_moe and (runner.step(5, 0) - want).abs().max() < 2e-2 * want.abs().max()
+
+
+def test_plot_compares_runs_stage_by_stage(tmp_path, capsys):
+    """`mobilemoe plot RUN...` (the upcycling report's loss curves): every run's stages on one axis."""
+    for name, shift in (("dense", 0.0), ("moe", 0.2)):
+        for stage, steps in (("midtrain", 12), ("sft", 5)):
+            (tmp_path / name / stage).mkdir(parents=True)
+            rows = [{"step": s, "tokens": 64 * s, "loss": 3 - 0.05 * s + shift, **({"val_loss": 3.1} if s == 5 else {})}
+                    for s in range(1, steps + 1)]
+            (tmp_path / name / stage / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    main(["plot", str(tmp_path / "dense"), str(tmp_path / "moe"), "--out", str(tmp_path / "plots")])
+    assert (tmp_path / "plots" / "compare_loss.png").stat().st_size > 10_000
+    assert (tmp_path / "plots" / "moe" / "loss.png").is_file() and "compare_loss.png" in capsys.readouterr().out

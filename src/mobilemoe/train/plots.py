@@ -71,28 +71,39 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, label: str 
     return written
 
 
-def plot_compare(run_dirs: list[str | Path], path: str | Path) -> Path:
-    """Loss curves of several runs on one axis (every stage, cumulative tokens): train loss as lines, held-out
-    loss as markers, e.g. MoEs and the dense control trained by the same recipe."""
+def plot_compare(run_dirs: list[str | Path], path: str | Path, smooth: int = 10) -> Path:
+    """Loss curves of several runs on one axis (every stage, cumulative tokens), e.g. MoEs and the dense control
+    trained by the same recipe: train loss per step (faint) and its mean over the last `smooth` steps of the
+    stage (solid: over hundreds of steps the batch-to-batch swings hide a gap between runs that the mean shows),
+    held-out loss as dots, stage boundaries as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
+    boundaries = {}
     for run_dir in map(Path, run_dirs):
         offset, colour = 0, None
-        for records in read_metrics(run_dir).values():
+        for i, (stage, records) in enumerate(read_metrics(run_dir).items()):
             tokens = [offset + r["tokens"] for r in records]
-            line, = ax.plot(tokens, [r["loss"] for r in records], alpha=0.7, color=colour,
-                            label=run_dir.name if colour is None else None)
+            loss = [r["loss"] for r in records]
+            line, = ax.plot(tokens, loss, alpha=0.2, linewidth=0.8, color=colour)
             colour = line.get_color()
+            window = [loss[max(0, j + 1 - smooth):j + 1] for j in range(len(loss))]
+            ax.plot(tokens, [sum(w) / len(w) for w in window], color=colour, linewidth=1.8,
+                    label=run_dir.name if i == 0 else None)
             val = [(offset + r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
             if val:
                 ax.plot(*zip(*val, strict=True), "o", color=colour, markersize=7, markeredgecolor="black")
             offset = tokens[-1] if tokens else offset
+            boundaries.setdefault(stage, offset)
+    for stage, end in boundaries.items():
+        ax.axvline(end, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(stage, (end, 1), xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8,
+                    color="grey")
     ax.set(xlabel="tokens (cumulative over stages)", ylabel="loss (nats/token)",
-           title="train loss (lines) and held-out loss at each stage's end (dots)")
+           title=f"train loss (faint: per step; solid: mean of the last {smooth} steps) and held-out loss (dots)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
