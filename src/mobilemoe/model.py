@@ -168,6 +168,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    kv_cache_dtype = torch.float32  # `setup_cache`'s default
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
@@ -190,9 +192,11 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=out_std if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
                                 else std)
 
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
-        """Static KV cache for decoding; forward then needs `input_pos`."""
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Static KV cache for decoding, of `dtype` or (None) the model's `kv_cache_dtype`; forward then needs
+        `input_pos`."""
         device = self.inv_freq.device
+        dtype = dtype or self.kv_cache_dtype
         for block in self.layers:
             block.attn.kv_cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype).to(device)
         self.causal_mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device))

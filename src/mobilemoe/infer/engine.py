@@ -196,10 +196,8 @@ class Int4Transformer(Transformer):
     step) runs the torch modules. `c_decode = False` keeps decode on the torch modules too (for comparisons)."""
 
     c_decode = True
+    kv_cache_dtype = KV_CACHE_DTYPE
     _program: tuple | None = None  # (the KV cache it points into, the C struct, the layer array)
-
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype = KV_CACHE_DTYPE) -> None:
-        super().setup_cache(batch, max_len, dtype)
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None,
                 logits_at: Tensor | None = None) -> ModelOutput:

@@ -56,7 +56,7 @@ def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, 
                              f"max_seq_len is {model.cfg.max_seq_len}); shorten the prompt")
     total = min(max_context, len(prompt) + max_new_tokens)
     if cached is None:
-        setup_cache(model, total, cache_dtype)
+        model.setup_cache(1, total, cache_dtype)
     start = min(cached or 0, len(prompt) - 1)  # at least the last prompt token is run, for its logits
     generator = torch.Generator().manual_seed(sampling.seed)
     decode_step = compile_decode(model) if compile else model
@@ -77,14 +77,6 @@ def last_position(n_tokens: int, device: torch.device | str = "cpu") -> torch.Te
     """`logits_at` for a prefill of n tokens: the head runs at the last one only, the one generation samples
     from (as llama.cpp's prefill; the head at every prompt position was up to a third of the prefill's work)."""
     return torch.tensor([n_tokens - 1], device=device)
-
-
-def setup_cache(model: Transformer, max_len: int, dtype: torch.dtype | None) -> None:
-    """A batch-1 KV cache of `dtype`, or of the model's default one (None)."""
-    if dtype is None:
-        model.setup_cache(1, max_len)
-    else:
-        model.setup_cache(1, max_len, dtype)
 
 
 def stream_text(tokenizer, tokens: Iterator[int], out: list[int],
@@ -125,7 +117,7 @@ class ChatSession:
         self.compile = compile
         self.messages: list[dict[str, str]] = []
         self.in_cache: list[int] = []  # tokens whose keys/values the model's cache holds, position by position
-        setup_cache(model, self.max_context, cache_dtype)
+        model.setup_cache(1, self.max_context, cache_dtype)
 
     def reply(self, text: str, max_new_tokens: int, on_token: Callable[[str], None] | None = None) -> str:
         """The assistant's answer to `text` in this conversation, streamed to `on_token`."""
