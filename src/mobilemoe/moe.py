@@ -136,12 +136,18 @@ def run_experts(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Tensor, do
 def grouped_swiglu(x: Tensor, offsets: Tensor, gate_up: Tensor, down: Tensor,
                    quantize_activation: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """SwiGLU of expert e over rows offsets[e-1]:offsets[e] of x [S, D] (rows after offsets[-1] are ignored)."""
-    hidden = _grouped_mm(x, gate_up.transpose(-2, -1), offsets)
-    gate, up = hidden.chunk(2, dim=-1)
+    return _swiglu(x, gate_up, down, quantize_activation, lambda a, b: _grouped_mm(a, b, offsets))
+
+
+def _swiglu(x: Tensor, gate_up: Tensor, down: Tensor, quantize_activation: Callable[[Tensor], Tensor] | None,
+            matmul: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The experts' SwiGLU with `matmul` multiplying rows by every expert's transposed weights: one grouped
+    matmul over sorted rows, or one bmm over equal-capacity groups."""
+    gate, up = matmul(x, gate_up.transpose(-2, -1)).chunk(2, dim=-1)
     hidden = F.silu(gate) * up
     if quantize_activation is not None:
         hidden = quantize_activation(hidden)
-    return _grouped_mm(hidden, down.transpose(-2, -1), offsets)
+    return matmul(hidden, down.transpose(-2, -1))
 
 
 GROUP_ALIGN_ROWS = 8  # 16 bytes of bf16: where CUDA's grouped GEMM wants each group to start
@@ -197,12 +203,7 @@ def cpu_bf16_swiglu(x: Tensor, expert_of_row: Tensor, counts: Tensor, gate_up: T
     destination = expert_of_row * capacity + position
     # Zero rows, not empty: their output gradient is zero, but 0 * (garbage NaN) would reach the weights' gradient.
     buffer = x.new_zeros(n_experts * capacity, x.shape[1]).index_copy(0, destination, x)
-    hidden = torch.bmm(buffer.view(n_experts, capacity, -1), gate_up.transpose(-2, -1))
-    gate, up = hidden.chunk(2, dim=-1)
-    hidden = F.silu(gate) * up
-    if quantize_activation is not None:
-        hidden = quantize_activation(hidden)
-    out = torch.bmm(hidden, down.transpose(-2, -1))
+    out = _swiglu(buffer.view(n_experts, capacity, -1), gate_up, down, quantize_activation, torch.bmm)
     return out.view(n_experts * capacity, -1).index_select(0, destination)
 
 
