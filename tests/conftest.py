@@ -3,7 +3,8 @@ registry), fetched once and cached."""
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,28 @@ def smollm2(smollm2_gguf) -> LoadedModel:
     from mobilemoe.export.gguf_import import load_gguf
 
     return load_gguf(smollm2_gguf)
+
+
+@pytest.fixture
+def interrupted_at(monkeypatch) -> Callable[[type, int], AbstractContextManager[None]]:
+    """`with interrupted_at(BatchesClass, n):` the n-th batch drawn from that class raises KeyboardInterrupt (a
+    training run stopped mid-stage, as Ctrl-C would); batches are drawn normally again after the block."""
+
+    @contextmanager
+    def interrupt(batches: type, n: int) -> Iterator[None]:
+        calls, original = 0, batches.__next__
+
+        def next_or_interrupt(self):
+            nonlocal calls
+            calls += 1
+            if calls == n:
+                raise KeyboardInterrupt
+            return original(self)
+
+        monkeypatch.setattr(batches, "__next__", next_or_interrupt)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(batches, "__next__", original)
+
+    return interrupt

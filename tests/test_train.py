@@ -74,22 +74,11 @@ def test_four_stages_chain_and_report(data_recipe, tmp_path):
     assert again["stages"] == summary["stages"]
 
 
-def test_resume_reproduces_the_uninterrupted_run(data_recipe, tmp_path, monkeypatch):
+def test_resume_reproduces_the_uninterrupted_run(data_recipe, tmp_path, interrupted_at):
     recipe = _recipe(data_recipe, [_stage("pretrain", "pretrain", {"prose": 1.0}, steps=6, checkpoint_every=3)])
     run_recipe(recipe, tmp_path / "a")
-    calls = {"n": 0}
-    original = PackedBatches.__next__
-
-    def crash_on_fifth(self):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(PackedBatches, "__next__", crash_on_fifth)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(PackedBatches, 5), pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, tmp_path / "b")
-    monkeypatch.setattr(PackedBatches, "__next__", original)
     with pytest.raises(MobileMoEError, match="pass --resume"):
         run_recipe(recipe, tmp_path / "b")
     run_recipe(recipe, tmp_path / "b", resume=True)

@@ -85,22 +85,11 @@ def _recipe(hub: Path, **stage) -> dict:
                        {"name": "sft", "kind": "sft", "mixture": {"chat": 1.0}, "steps": 2, **base}]}
 
 
-def test_recipe_trains_from_streams_and_resumes_bit_exact(hub, tmp_path, monkeypatch):
+def test_recipe_trains_from_streams_and_resumes_bit_exact(hub, tmp_path, interrupted_at):
     summary = run_recipe(_recipe(hub), tmp_path / "a")
     assert list(summary["stages"]) == ["pretrain", "sft"] and summary["final_val_loss"] is None
-    calls = {"n": 0}
-    original = StreamedBatches.__next__
-
-    def crash_on_third(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(StreamedBatches, "__next__", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(StreamedBatches, 3), pytest.raises(KeyboardInterrupt):
         run_recipe(_recipe(hub), tmp_path / "b")
-    monkeypatch.setattr(StreamedBatches, "__next__", original)
     run_recipe(_recipe(hub), tmp_path / "b", resume=True)
     for stage in ("pretrain", "sft"):
         losses = [[json.loads(line)["loss"] for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
