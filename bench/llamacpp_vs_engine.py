@@ -16,10 +16,10 @@ implementations take turns in every round (median of the rounds). Our decode is 
 per token), with the engine's default fp16 KV cache (llama.cpp's default is f16 too) and with an fp32 one
 (a second engine on the same mapped weights). Decode bandwidth use: weight bytes read per token (INT4,
 active experts only) x tok/s over the copy bandwidth
-(reads + writes of a 512 MB copy) and over the read bandwidth (a 512 MB sum), both measured in the run at
-each thread count. --cold-start: each implementation loads the model in a fresh process of its
-own; time to load, time to first token (load + prefill of 64 tokens + the first token) and the resident
-memory the loading adds (after minus before), after loading and after the first token.
+(reads + writes of a 512 MB copy) and over the read bandwidth (a 512 MB sum), both measured as one more
+turn in every round of that decode measurement. --cold-start: each implementation loads the model in a
+fresh process of its own; time to load, time to first token (load + prefill of 64 tokens + the first token)
+and the resident memory the loading adds (after minus before), after loading and after the first token.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from mobilemoe.checkpoint import LoadedModel, load_model, save_model
 from mobilemoe.config import resolve_model_config
 from mobilemoe.data.documents import read_embedded
 from mobilemoe.export.gguf import export_gguf
-from mobilemoe.infer.bench import active_int4_bytes, copy_bandwidth, interleaved, read_bandwidth, real_text_ids
+from mobilemoe.infer.bench import Bandwidth, active_int4_bytes, interleaved, median, real_text_ids
 from mobilemoe.infer.engine import load_int4_model
 from mobilemoe.infer.generate import last_position
 from mobilemoe.model import Transformer
@@ -89,12 +89,11 @@ def main() -> None:
         engines = {name: load_int4_model(Path(tmp) / "int4")[0] for name in CACHE_DTYPES}  # one mapping each
         llms = {t: Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=t, n_threads_batch=t,
                          verbose=False) for t in args.threads}
-        results["runs"], results["bandwidth_bytes_s"] = {}, {}
+        results["runs"], bandwidth = {}, Bandwidth()
         for threads in args.threads:
             torch.set_num_threads(threads)
-            results["bandwidth_bytes_s"][threads] = {"copy": copy_bandwidth(), "read": read_bandwidth()}
             for context in args.contexts:
-                results["runs"][threads, context] = run(engines, llms[threads], ids, context, args)
+                results["runs"][threads, context] = run(engines, llms[threads], ids, context, args, bandwidth)
         for llm in llms.values():
             llm.close()
     report(results, args)
@@ -119,7 +118,8 @@ def _model_and_prompt(args: argparse.Namespace, n_ctx: int) -> tuple[LoadedModel
 
 
 @torch.inference_mode()
-def run(engines: dict[str, Transformer], llm, ids: list[int], context: int, args: argparse.Namespace) -> dict:
+def run(engines: dict[str, Transformer], llm, ids: list[int], context: int, args: argparse.Namespace,
+        bandwidth: Bandwidth) -> dict:
     n_ctx = _context_size(args)
 
     def engine_prefill(name: str, n: int) -> None:
@@ -150,9 +150,16 @@ def run(engines: dict[str, Transformer], llm, ids: list[int], context: int, args
             position[LLAMA] += 1
 
     decoders = {name: lambda name=name: engine_decode(name) for name in engines} | {LLAMA: llama_decode}
-    seconds = interleaved(list(decoders.values()), lambda fn: fn(), args.rounds)
+    copy, read = [], []
+
+    def measure_bandwidth() -> None:  # the yardstick takes a turn in every decode round
+        copy.append(bandwidth.copy())
+        read.append(bandwidth.read())
+
+    seconds = interleaved(list(decoders.values()), lambda fn: fn(), args.rounds, measure_bandwidth)
     return {"prefill_tok_s": prefill_tok_s,
-            "decode_tok_s": {name: args.steps / t for name, t in zip(decoders, seconds, strict=True)}}
+            "decode_tok_s": {name: args.steps / t for name, t in zip(decoders, seconds, strict=True)},
+            "yardstick": {"copy": median(copy), "read": median(read)}}
 
 
 def _context_size(args: argparse.Namespace) -> int:
@@ -203,20 +210,19 @@ def report(results: dict, args: argparse.Namespace) -> None:
     (out / "results.json").write_text(json.dumps({**vars(args), **results, "runs": runs}, indent=2))
     active = results["active_int4_bytes"]
     console.print(f"{args.model}; prefill of `context` tokens, decode at that context, median of {args.rounds} "
-                  f"rounds; {active / 1e6:.1f} MB of INT4 weights read per decoded token; copy / read bandwidth: "
-                  + ", ".join(f"{t} threads {b['copy'] / 1e9:.1f} / {b['read'] / 1e9:.1f} GB/s"
-                              for t, b in results["bandwidth_bytes_s"].items()))
+                  f"rounds; {active / 1e6:.1f} MB of INT4 weights read per decoded token")
     console.print("| threads, context | implementation | prefill tok/s | vs llama.cpp | decode tok/s | vs llama.cpp "
-                  "| decode bandwidth use (of copy / of read) |")
+                  "| decode bandwidth use (of copy / of read; GB/s between its rounds) |")
     console.print("|---|---|---|---|---|---|---|")
     for (threads, context), r in results["runs"].items():
         base_prefill, base_decode = r["prefill_tok_s"][LLAMA], r["decode_tok_s"][LLAMA]
-        bw = results["bandwidth_bytes_s"][threads]
+        bw = r["yardstick"]
         for name, value in r["decode_tok_s"].items():
             pre = r["prefill_tok_s"].get(name)
             pre_text = f"{pre:.1f} | {pre / base_prefill:.2f}x" if pre else " | "
             console.print(f"| {threads}, {context} | {name} | {pre_text} | {value:.1f} | {value / base_decode:.2f}x | "
-                          f"{active * value / bw['copy']:.0%} / {active * value / bw['read']:.0%} |")
+                          f"{active * value / bw['copy']:.0%} / {active * value / bw['read']:.0%} "
+                          f"({bw['copy'] / 1e9:.1f} / {bw['read'] / 1e9:.1f}) |")
     if "cold_start" in results:
         console.print("| cold start (own process) | load s | time to first token s | RSS added by load | "
                       "RSS added at first token |")

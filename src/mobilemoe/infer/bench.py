@@ -3,8 +3,9 @@
 For each preset (random INT4 weights, made directly in the INT4 format) or INT4 checkpoint directory (its
 trained weights, e.g. a QAT stage's final/): prefill tok/s and time to first token at each prompt length,
 decode tok/s at each context, INT4 weight bytes, resident memory after loading, and decode bandwidth use
-(bytes read per token, active weights + KV cache at that context, x tok/s over this machine's measured copy
-bandwidth), at each thread count asked for. Prompts are real text
+(bytes read per token, active weights + KV cache at that context, x tok/s over this machine's copy bandwidth,
+measured as one more turn in every round of that decode measurement), at each thread count asked for. Prompts
+are real text
 (the embedded Moby Dick; through a checkpoint's tokenizer, else as UTF-8 byte ids), so the routing sees
 real token sequences. All models stay loaded and take turns in every measurement (median of 3 rounds).
 """
@@ -47,23 +48,27 @@ class ModelBench:
     ttft_s: dict[int, float] = field(default_factory=dict)
     decode_tok_s: dict[int, float] = field(default_factory=dict)
     prefill_rounds: dict[int, int] = field(default_factory=dict)  # a context alone is prefilled in one round
+    # the copy and read bandwidth (bytes/s) measured between the rounds of this decode measurement: the yardstick
+    # of bandwidth use. On a shared machine it moves between runs (2 threads: 42-73 GB/s here), so it is taken
+    # in the same minutes as the decode it divides
+    yardstick: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
-def copy_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
-    """Bytes/s moved by a large tensor copy (read + write), the machine's practical memory bandwidth."""
-    src = torch.ones(n_bytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return 2 * n_bytes / best
+class Bandwidth:
+    """The machine's memory bandwidth now, by torch ops on 512 MB buffers allocated once: `copy()` counts the
+    reads and writes of a tensor copy (the yardstick of bandwidth use), `read()` the bytes a sum reads (the
+    ceiling of a decode step, which only reads). Each is the best of `repeats` passes."""
 
+    def __init__(self, n_bytes: int = 1 << 29):
+        self.src, self.dst = torch.ones(n_bytes // 4), torch.empty(n_bytes // 4)
+        self.dst.copy_(self.src)  # touch every page before timing
+        self.n_bytes = n_bytes
 
-def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
-    """Bytes/s read by summing a large tensor: the ceiling of a decode step, which only reads weights. A copy
-    counts its reads and its writes, so on this machine it moves about twice what a read alone reaches."""
-    src = torch.ones(n_bytes // 4)
-    src.sum()
-    return n_bytes / min(timed(src.sum) for _ in range(repeats))
+    def copy(self, repeats: int = 3) -> float:
+        return 2 * self.n_bytes / min(timed(lambda: self.dst.copy_(self.src)) for _ in range(repeats))
+
+    def read(self, repeats: int = 3) -> float:
+        return self.n_bytes / min(timed(self.src.sum) for _ in range(repeats))
 
 
 def timed(fn) -> float:
@@ -102,6 +107,7 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
         results.append(ModelBench(preset, count.active, count.total, weight_bytes(meta, scheme=scheme),
                                   active_int4_bytes(cfg, scheme), _rss(), kv_cache_bytes(cfg, 1)))
     extra = rounds * decode_steps + 2
+    bandwidth = Bandwidth()
     ids = {id(m): real_text_ids(max(prompt_lens + contexts) + extra, m.cfg.vocab_size, tokenizers.get(name))
            for m, name in zip(models, presets, strict=True)}
     for n_threads in threads or (None,):
@@ -121,12 +127,12 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
             for r, seconds in zip(results, times, strict=True):
                 r.prefill_tok_s[key(n)], r.ttft_s[key(n)], r.prefill_rounds[key(n)] = n / seconds, seconds, n_rounds
             if n in contexts:
-                _decode_at(models, results, ids, n, key(n), decode_steps, rounds, compile)
+                _decode_at(models, results, ids, n, key(n), decode_steps, rounds, compile, bandwidth)
     return results
 
 
 def _decode_at(models: list[Transformer], results: list[ModelBench], ids: dict[int, list[int]], ctx: int,
-               key: int | tuple[int, int], decode_steps: int, rounds: int, compile: bool) -> None:
+               key: int | tuple[int, int], decode_steps: int, rounds: int, compile: bool, bandwidth: Bandwidth) -> None:
     position, steps = {}, {}
     for model in models:
         steps[id(model)] = compile_decode(model) if compile else model
@@ -139,18 +145,31 @@ def _decode_at(models: list[Transformer], results: list[ModelBench], ids: dict[i
             steps[id(model)](torch.tensor([[ids[id(model)][pos]]]), input_pos=torch.tensor([pos]))
             position[id(model)] = pos + 1
 
-    for r, seconds in zip(results, interleaved(models, decode_block, rounds), strict=True):
+    copy, read = [], []
+
+    def measure_bandwidth() -> None:
+        copy.append(bandwidth.copy())
+        read.append(bandwidth.read())
+
+    for r, seconds in zip(results, interleaved(models, decode_block, rounds, measure_bandwidth), strict=True):
         r.decode_tok_s[key] = decode_steps / seconds
+        r.yardstick[key] = {"copy": median(copy), "read": median(read)}
 
 
-def interleaved(items: list, work, rounds: int) -> list[float]:
+def interleaved(items: list, work, rounds: int, after_round=None) -> list[float]:
     """Median seconds of `work(item)` per item, the items taking turns in each round, so load on a shared
-    machine hits them alike."""
+    machine hits them alike; `after_round()`, if given, takes one more turn at the end of each round."""
     times: list[list[float]] = [[] for _ in items]
     for _ in range(rounds):
         for i, item in enumerate(items):
             times[i].append(timed(lambda item=item: work(item)))
-    return [sorted(t)[len(t) // 2] for t in times]
+        if after_round is not None:
+            after_round()
+    return [median(t) for t in times]
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def _prefill(model: Transformer, ids: list[int], extra: int = 1) -> None:
@@ -180,49 +199,58 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, dtype: torch.dtype = KV_CACHE
 
 def run_bench(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int,
               threads: list[int], out: Path, compile: bool = True, rounds: int = 3) -> dict:
-    """`bench_models` at each thread count (models loaded once), with the copy and read bandwidth measured at
-    each; a table per thread count, bench.json and bench.png."""
-    bandwidth = {}
-    for n in threads:
-        torch.set_num_threads(n)
-        bandwidth[n] = (copy_bandwidth(), read_bandwidth())
+    """`bench_models` at each thread count (models loaded once); a table per thread count, bench.json and
+    bench.png."""
     results = bench_models(presets, prompt_lens, contexts, decode_steps, rounds, compile, tuple(threads))
 
     def by_thread(values: dict) -> dict[str, dict[int, float]]:
         return {str(t): {n: v for (tt, n), v in values.items() if tt == t} for t in threads}
 
-    per_thread = ("prefill_tok_s", "ttft_s", "decode_tok_s", "prefill_rounds")
+    per_thread = ("prefill_tok_s", "ttft_s", "decode_tok_s", "prefill_rounds", "yardstick")
     report = {"threads": threads, "rounds": rounds, "compiled_decode": compile,
               "kv_cache_dtype": str(KV_CACHE_DTYPE).removeprefix("torch."),
-              "bandwidth_bytes_s": {str(t): {"copy": c, "read": r} for t, (c, r) in bandwidth.items()},
-              "models": [asdict(r) | {f: by_thread(getattr(r, f)) for f in per_thread} for r in results]}
+              "models": [asdict(r) | {f: by_thread(getattr(r, f)) for f in per_thread} |
+                         {"decode_bandwidth_use": by_thread(decode_bandwidth_use(r))} for r in results]}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench.json", report)
     for t in threads:
-        print_table(results, t, *bandwidth[t])
+        print_table(results, t)
     plot(results, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return report
 
 
-def print_table(results: list[ModelBench], threads: int, bandwidth: float, read: float) -> None:
+def decode_bandwidth_use(r: ModelBench) -> dict:
+    """Per decode measurement: bytes read per token (weights + KV cache at that context) x tok/s, as a fraction
+    of the copy and of the read bandwidth measured between its rounds."""
+    use = {}
+    for key, tok_s in r.decode_tok_s.items():
+        context = key[1] if isinstance(key, tuple) else key
+        streamed = (r.active_int4_bytes + r.kv_bytes_per_position * context) * tok_s
+        use[key] = {"of_copy": streamed / r.yardstick[key]["copy"], "of_read": streamed / r.yardstick[key]["read"]}
+    return use
+
+
+def print_table(results: list[ModelBench], threads: int) -> None:
     from rich.table import Table
 
     base = results[-1]
-    table = Table(title=f"INT4 on this CPU ({threads} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s, read "
-                        f"{read / 1e9:.1f} GB/s; fp16 KV cache); ratios vs {base.preset}")
+    table = Table(title=f"INT4 on this CPU ({threads} threads; fp16 KV cache); ratios vs {base.preset}")
     for col in ("preset", "active/total", "INT4 weights", "peak RSS so far", "metric", "value", "vs " + base.preset,
-                "bytes read / token (weights + KV)", "bandwidth use (of copy / of read)"):
+                "bytes read / token (weights + KV)", "bandwidth use of copy / read (their GB/s)"):
         table.add_column(col)
     for r in results:
+        use = decode_bandwidth_use(r)
         rows = [(f"prefill {n} tok/s (TTFT {r.ttft_s[t, n]:.2f}s{', 1 round' if r.prefill_rounds[t, n] == 1 else ''})",
                  v, base.prefill_tok_s[t, n], "", "") for (t, n), v in r.prefill_tok_s.items() if t == threads]
         for (t, c), v in r.decode_tok_s.items():
             if t != threads:
                 continue
-            read_bytes = r.active_int4_bytes + r.kv_bytes_per_position * c
-            rows.append((f"decode @{c} tok/s", v, base.decode_tok_s[t, c], human_bytes(read_bytes),
-                         f"{read_bytes * v / bandwidth:.0%} / {read_bytes * v / read:.0%}"))
+            copy, read = r.yardstick[t, c]["copy"], r.yardstick[t, c]["read"]
+            rows.append((f"decode @{c} tok/s", v, base.decode_tok_s[t, c],
+                         human_bytes(r.active_int4_bytes + r.kv_bytes_per_position * c),
+                         f"{use[t, c]['of_copy']:.0%} / {use[t, c]['of_read']:.0%} "
+                         f"({copy / 1e9:.1f} / {read / 1e9:.1f})"))
         for i, (metric, value, ref, read_text, bw) in enumerate(rows):
             head = (r.preset, f"{human_count(r.active_params)}/{human_count(r.total_params)}",
                     human_bytes(r.int4_bytes), human_bytes(r.peak_rss)) if i == 0 else ("",) * 4
