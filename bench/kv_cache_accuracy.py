@@ -1,12 +1,12 @@
-"""The INT4 engine's fp16 KV cache (its default) vs an fp32 one, on a real checkpoint: greedy tokens and logits.
+"""The INT4 engine's fp16 (default) and int8 KV caches vs an fp32 one, on a real checkpoint: greedy tokens, logits.
 
     .venv/bin/python bench/kv_cache_accuracy.py CKPT [--tokens 256] [--prompt-tokens 512]
 
 CKPT: a float checkpoint (quantized to INT4 at load, as `generate --int4` does) or an INT4 one. The prompt
 is Moby Dick through the checkpoint's tokenizer. Free-running greedy decode with each cache (C decode step):
-how many tokens are equal before the first difference. Then teacher-forced on the fp32 cache's tokens:
-the fp16 cache's next-token argmax agreement and its logits' error (max |difference| over max |logit|,
-per step: median and max). For scale, the same two figures for two fp32-cache computations that differ only
+how many tokens are equal to the fp32 cache's before the first difference. Then teacher-forced on the fp32
+cache's tokens: each cache's next-token argmax agreement and its logits' error (max |difference| over max
+|logit|, per step: median and max). For scale, the same two figures for two fp32-cache computations that differ only
 in summation order: the C step vs the engine's torch modules (an int8 activation that rounds the other
 way moves 8da4w logits much more than the rounding that caused it).
 """
@@ -19,7 +19,7 @@ import torch
 
 from mobilemoe.checkpoint import INT4_FORMAT, load_model, model_tensors, read_tensors
 from mobilemoe.data.documents import read_embedded
-from mobilemoe.infer.engine import build_int4_model, load_int4_model
+from mobilemoe.infer.engine import KV_CACHE_DTYPES, build_int4_model, load_int4_model
 from mobilemoe.infer.generate import generate_tokens
 
 
@@ -36,14 +36,14 @@ def main() -> None:
         engine, tokenizer = build_int4_model(loaded.model.cfg, model_tensors(loaded.model, int4=True)), loaded.tokenizer
     text = "".join(d for d, _ in zip(read_embedded("moby-dick"), range(50), strict=False) if isinstance(d, str))
     prompt = tokenizer.encode(text)[:args.prompt_tokens]
-    dtypes = {"fp16": torch.float16, "fp32": torch.float32}
     out = {name: list(generate_tokens(engine, prompt, args.tokens, cache_dtype=dtype))
-           for name, dtype in dtypes.items()}
-    same = next((i for i, (a, b) in enumerate(zip(out["fp16"], out["fp32"], strict=True)) if a != b), args.tokens)
+           for name, dtype in KV_CACHE_DTYPES.items()}
+    same = {name: next((i for i, (a, b) in enumerate(zip(out[name], out["fp32"], strict=True)) if a != b),
+                       args.tokens) for name in ("fp16", "int8")}
 
     sequence = prompt + out["fp32"]
-    runs = {"fp16 cache, C step": (torch.float16, True), "fp32 cache, C step": (torch.float32, True),
-            "fp32 cache, torch modules": (torch.float32, False)}
+    runs = {"fp16 cache, C step": (torch.float16, True), "int8 cache, C step": (torch.int8, True),
+            "fp32 cache, C step": (torch.float32, True), "fp32 cache, torch modules": (torch.float32, False)}
     logits = {}
     with torch.inference_mode():
         for name, (dtype, c_decode) in runs.items():
@@ -55,10 +55,11 @@ def main() -> None:
             logits[name] = torch.stack(steps).float()
         engine.c_decode = True
     print(f"{args.checkpoint}: prompt {len(prompt)} tokens, {args.tokens} generated")
-    print(f"free-running greedy, fp16 vs fp32 cache: the first {same} of {args.tokens} tokens equal")
+    for name, n in same.items():
+        print(f"free-running greedy, {name} vs fp32 cache: the first {n} of {args.tokens} tokens equal")
     print(f"teacher-forced on the fp32 cache's tokens, vs {'fp32 cache, C step'}:")
     want = logits["fp32 cache, C step"]
-    for name in ("fp16 cache, C step", "fp32 cache, torch modules"):
+    for name in ("fp16 cache, C step", "int8 cache, C step", "fp32 cache, torch modules"):
         errors = ((logits[name] - want).abs().amax(-1) / want.abs().amax(-1)).sort().values
         agree = (logits[name].argmax(-1) == want.argmax(-1)).sum().item()
         print(f"  {name}: next-token argmax equal at {agree} of {len(errors)} steps; logits error median "

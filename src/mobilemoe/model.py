@@ -59,8 +59,8 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
+        self.k[:, :, input_pos] = k.to(self.k.dtype)
+        self.v[:, :, input_pos] = v.to(self.v.dtype)
         return self.k, self.v
 
 
@@ -198,8 +198,12 @@ class Transformer(nn.Module):
         device = self.inv_freq.device
         dtype = dtype or self.kv_cache_dtype
         for block in self.layers:
-            block.attn.kv_cache = KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype).to(device)
+            block.attn.kv_cache = self.new_kv_cache(batch, max_len, dtype).to(device)
         self.causal_mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=device))
+
+    def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
+        """One layer's KV cache (the INT4 engine adds an int8 kind)."""
+        return KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype)
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None,
                 positions: Tensor | None = None, mask: Tensor | None = None,

@@ -1,7 +1,7 @@
 /* Kernel self-test for builds that Python cannot load here (the NEON variant under qemu-aarch64):
  * includes the kernels, fills one matrix in the layout with fixed pseudo-random bytes and scales, runs
- * q4_linear on a few tokens, then decode attention over an fp16 KV cache (written by f16_from_f32), and
- * prints the outputs, one per line. tests/test_infer.py compares the
+ * q4_linear on a few tokens, then decode attention over an fp16 KV cache (written by f16_from_f32) and an
+ * int8 one (written by kv_quantize), and prints the outputs, one per line. tests/test_infer.py compares the
  * output of each build with the same program built as the portable variant. */
 #include "../../src/mobilemoe/infer/kernels/q8q4.c"
 
@@ -43,7 +43,14 @@ int main(void) {
         for (int i = 0; i < KVH * LEN * HD; i++) kv[c][i] = (float)((int)(next() % 2001) - 1000) / 300.0f;
         f16_from_f32(kv[c], kv16[c], KVH * LEN * HD);
     }
-    attention_decode(q, kv16[0], kv16[1], H, KVH, HD, LEN, LEN, 1, att);
+    attention_decode(q, kv16[0], kv16[1], NULL, NULL, H, KVH, HD, LEN, LEN, KV_F16, att);
+    for (int i = 0; i < H * HD; i++) printf("%.9g\n", att[i]);
+    static int8_t kv8[2][KVH * LEN * HD];  /* int8 KV cache: its quantization and the attention */
+    static float kv_scale[2][KVH * LEN];
+    for (int c = 0; c < 2; c++) kv_quantize(kv[c], KVH * LEN, HD, kv8[c], kv_scale[c]);
+    for (int i = 0; i < KVH * LEN * HD; i += 7) printf("%d\n", kv8[1][i]);
+    for (int i = 0; i < KVH * LEN; i++) printf("%.9g\n", kv_scale[0][i]);
+    attention_decode(q, kv8[0], kv8[1], kv_scale[0], kv_scale[1], H, KVH, HD, LEN, LEN, KV_I8, att);
     for (int i = 0; i < H * HD; i++) printf("%.9g\n", att[i]);
     printf("%s\n", q4_variant());
     return 0;

@@ -21,12 +21,12 @@ from mobilemoe.argtypes import (
 def _load(args: argparse.Namespace):
     """(model, tokenizer, cache dtype) from a checkpoint directory, float or INT4; `--int4` on a float checkpoint
     rounds its weights to INT4 (g32, post-training) at load, as `save_model(..., int4=True)` would. The INT4
-    engine's KV cache is `--kv-cache` (fp16 by default), a float model's fp32."""
+    engine's KV cache is `--kv-cache` (fp16 by default; int8, fp32), a float model's fp32."""
     import torch
 
     from mobilemoe.checkpoint import INT4_FORMAT, load_model, model_tensors, read_metadata
     from mobilemoe.errors import MobileMoEError
-    from mobilemoe.infer.engine import build_int4_model, load_int4_model
+    from mobilemoe.infer.engine import KV_CACHE_DTYPES, build_int4_model, load_int4_model
     from mobilemoe.ui import console
 
     path = Path(args.checkpoint)
@@ -44,14 +44,11 @@ def _load(args: argparse.Namespace):
     else:
         loaded = load_model(path)
         model, tokenizer = loaded.model, loaded.tokenizer
-    dtype = getattr(torch, KV_CACHE_DTYPES[args.kv_cache]) if args.int4 else torch.float32
+    dtype = KV_CACHE_DTYPES[args.kv_cache] if args.int4 else torch.float32
     if tokenizer is None:
         raise MobileMoEError(f"{args.checkpoint} has no tokenizer.json; copy the tokenizer of the data it was "
                              "trained on into the directory")
     return model, tokenizer, dtype
-
-
-KV_CACHE_DTYPES = {"fp16": "float16", "fp32": "float32"}  # --kv-cache -> torch dtype name
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -116,8 +113,11 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
+    from mobilemoe.infer.engine import KV_CACHE_DTYPES  # ~20 ms: torch is loaded already
+
     p.add_argument("--kv-cache", choices=list(KV_CACHE_DTYPES), default="fp16",
-                   help="the INT4 engine's KV cache: fp16 (half the bytes long contexts read; default) or fp32")
+                   help="the INT4 engine's KV cache: fp16 (half fp32's bytes; default), int8 (one scale per head "
+                        "and position: about half fp16's bytes, for long contexts) or fp32")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

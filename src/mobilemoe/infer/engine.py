@@ -5,9 +5,10 @@ per token (asymmetric, torchao's scheme) and multiplied by the INT4 g32 weights 
 our own C kernels and weight layout (`infer/q4.py`, `infer/kernels/q8q4.c`; AVX-512 VNNI, AVX-VNNI, AVX2,
 NEON sdot or portable C, chosen from the CPU). Activations between the products, norms, RoPE and routing
 are fp32; the KV cache is fp16 by default (as llama.cpp's: half the bytes that long-context decode reads,
-converted to fp32 on read), fp32 on request (`setup_cache(..., torch.float32)`). Prefill writes the same
-fp16 keys and values and attends to them as stored, so a prompt's logits are what decoding it token by
-token would give.
+converted to fp32 on read), int8 or fp32 on request (`setup_cache(..., torch.int8)`; `Int8KVCache`: a quarter
+of fp32's bytes plus one scale per row). Prefill writes the same keys and values as decode would (int8:
+bitwise the same quantization) and attends to them as stored, so a prompt's logits are what decoding it
+token by token would give.
 
 A one-token decode step is one C call (`decode_step` in kernels/q8q4.c): embedding, every layer (norms,
 q/k/v, QK-norm, RoPE, the KV cache write, attention over the filled cache only, o, the router's top-k with
@@ -32,6 +33,7 @@ from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.infer.kernels import q8q4_library
 from mobilemoe.infer.q4 import (
+    KV_TYPES,
     Q4Weight,
     attention_decode,
     pack_q4,
@@ -41,13 +43,44 @@ from mobilemoe.infer.q4 import (
     unpack_q4,
     unpack_q4_rows,
 )
-from mobilemoe.model import Attention, FeedForward, ModelOutput, MoE, Transformer, rope_frequencies
+from mobilemoe.model import Attention, FeedForward, KVCache, ModelOutput, MoE, Transformer, rope_frequencies
 from mobilemoe.moe import Router
 from mobilemoe.quantize import GROUP_SIZE
 
 COMPUTE_DTYPE = torch.float32  # activations between the 8da4w products
-KV_CACHE_DTYPE = torch.float16  # the engine's default KV cache (torch.float32 also runs in the C step)
-KV_CACHE_DTYPES = (torch.float16, torch.float32)
+KV_CACHE_DTYPE = torch.float16  # the engine's default KV cache
+# the engine's KV caches by name (`--kv-cache`); every one runs in the C decode step
+KV_CACHE_DTYPES = {"fp16": torch.float16, "int8": torch.int8, "fp32": torch.float32}
+
+
+def quantize_kv(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of keys or values [..., hd] as the int8 KV cache stores them: symmetric per row, scale = max |x| / 127
+    (at least the smallest normal float, so a zero row stays zero), q = round(x / scale) half to even. Bitwise
+    what the C decode step writes (`kv_quantize` in kernels/q8q4.c). Returns (q int8 [..., hd], scale fp32 [...])."""
+    x = x.float()
+    scale = (x.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(x / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8), scale
+
+
+class Int8KVCache(KVCache):
+    """A KV cache of int8 keys and values with one fp32 scale per (position, kv head) row (`quantize_kv`), as
+    llama.cpp's q8_0 cache but one scale per head_dim values instead of per 32 (measured as accurate:
+    docs/inference.md). Long-context decode reads 53% of an fp16 cache's bytes at head_dim 64."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int):
+        super().__init__(batch, n_kv_heads, max_len, head_dim, torch.int8)
+        self.register_buffer("k_scale", torch.zeros(batch, n_kv_heads, max_len), persistent=False)
+        self.register_buffer("v_scale", torch.zeros(batch, n_kv_heads, max_len), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[:, :, input_pos], self.k_scale[:, :, input_pos] = quantize_kv(k)
+        self.v[:, :, input_pos], self.v_scale[:, :, input_pos] = quantize_kv(v)
+        return self.k, self.v
+
+    def dequantized(self, end: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions 0 .. end-1 as fp32."""
+        return (self.k[:, :, :end].float() * self.k_scale[:, :, :end, None],
+                self.v[:, :, :end].float() * self.v_scale[:, :, :end, None])
 
 
 class Int4Linear(nn.Module):
@@ -119,11 +152,14 @@ class Int4Attention(Attention):
         cache = self.kv_cache
         if cache is None or input_pos is None:
             return super().attend(q, k, v, mask, input_pos)
-        k_all, v_all = cache.update(input_pos, k.to(cache.k.dtype), v.to(cache.v.dtype))
-        if q.shape[0] == 1 and q.shape[2] == 1 and k_all.dtype in KV_CACHE_DTYPES:
-            return attention_decode(q, k_all, v_all, input_pos[-1] + 1)
+        k_all, v_all = cache.update(input_pos, k, v)
+        int8 = isinstance(cache, Int8KVCache)
+        if q.shape[0] == 1 and q.shape[2] == 1 and k_all.dtype in KV_TYPES:
+            return attention_decode(q, k_all, v_all, input_pos[-1] + 1, *((cache.k_scale, cache.v_scale) if int8
+                                                                          else ()))
         end = int(input_pos[-1]) + 1  # prefill (eager): attend to the filled part only
-        k_all, v_all = k_all[:, :, :end].to(q.dtype), v_all[:, :, :end].to(q.dtype)
+        k_all, v_all = cache.dequantized(end) if int8 else (k_all[:, :, :end], v_all[:, :, :end])
+        k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
         if end == q.shape[2] and int(input_pos[0]) == 0:
             # a prompt from position 0: its mask is the causal one, and is_causal lets torch's flash kernel skip
             # the blocks above the diagonal (given as a mask, every block is computed and then masked)
@@ -171,14 +207,15 @@ class _Mat(ctypes.Structure):
 
 class _DecodeLayer(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("qkv", _Mat), ("o", _Mat),
-                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("gate_up", _Mat), ("down", _Mat),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("k_scale", ctypes.c_void_p),
+                ("v_scale", ctypes.c_void_p), ("gate_up", _Mat), ("down", _Mat),
                 ("router", ctypes.c_void_p), ("expert_bias", ctypes.c_void_p), ("expert_gate_up", _Mat),
                 ("expert_down", _Mat)]
 
 
 class _DecodeModel(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in ("n_layers", "D", "H", "KVH", "hd", "max_len", "E", "top_k",
-                                                  "qk_norm", "sigmoid", "norm_topk", "kv_f16")]
+                                                  "qk_norm", "sigmoid", "norm_topk", "kv_type")]
     _fields_ += [("eps", ctypes.c_float), ("route_scale", ctypes.c_float), ("inv_freq", ctypes.c_void_p),
                  ("embed", _Mat), ("head", _Mat), ("final_norm", ctypes.c_void_p),
                  ("layers", ctypes.POINTER(_DecodeLayer))]
@@ -191,8 +228,8 @@ def _mat(w: Q4Weight | None) -> _Mat:
 
 
 class Int4Transformer(Transformer):
-    """The engine's model: `Transformer` with INT4 modules, whose eager one-token decode step (batch 1, fp16
-    or fp32 KV cache) is the C `decode_step`; everything else (prefill, training-style forwards, a traced
+    """The engine's model: `Transformer` with INT4 modules, whose eager one-token decode step (batch 1, any of
+    `KV_CACHE_DTYPES`) is the C `decode_step`; everything else (prefill, training-style forwards, a traced
     step) runs the torch modules. `c_decode = False` keeps decode on the torch modules too (for comparisons)."""
 
     c_decode = True
@@ -208,6 +245,11 @@ class Int4Transformer(Transformer):
             if program is not None and 0 <= pos < program.max_len:
                 return ModelOutput(self._decode(program, int(tokens[0, 0]), pos))
         return super().forward(tokens, targets, input_pos, logits_at=logits_at)
+
+    def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> KVCache:
+        if dtype == torch.int8:
+            return Int8KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
+        return super().new_kv_cache(batch, max_len, dtype)
 
     def _decode(self, program: _DecodeModel, token: int, pos: int) -> Tensor:
         hidden = torch.empty(self.cfg.d_model)
@@ -228,7 +270,7 @@ class Int4Transformer(Transformer):
         if self._program is not None and self._program[0] is cache:
             return self._program[1]
         cfg = self.cfg
-        if (cache is None or cache.k.dtype not in KV_CACHE_DTYPES or cache.k.shape[0] != 1 or cfg.d_model % 16
+        if (cache is None or cache.k.dtype not in KV_TYPES or cache.k.shape[0] != 1 or cfg.d_model % 16
                 or cfg.n_routed_experts > 1024 or cfg.head_dim > 256):
             return None
         layers = (_DecodeLayer * cfg.n_layers)()
@@ -237,6 +279,8 @@ class Int4Transformer(Transformer):
             layer.attn_norm, layer.ffn_norm = block.attn_norm.weight.data_ptr(), block.ffn_norm.weight.data_ptr()
             layer.qkv, layer.o = _mat(attn.qkv_proj.weight), _mat(attn.o_proj.weight)
             layer.k_cache, layer.v_cache = attn.kv_cache.k.data_ptr(), attn.kv_cache.v.data_ptr()
+            if isinstance(attn.kv_cache, Int8KVCache):
+                layer.k_scale, layer.v_scale = attn.kv_cache.k_scale.data_ptr(), attn.kv_cache.v_scale.data_ptr()
             dense = ffn.shared_expert if isinstance(ffn, Int4MoE) else ffn
             if dense is not None:
                 layer.gate_up, layer.down = _mat(dense.gate_up), _mat(dense.down)
@@ -246,7 +290,7 @@ class Int4Transformer(Transformer):
         program = _DecodeModel(
             cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.k.shape[2],
             cfg.n_routed_experts if cfg.is_moe else 0, cfg.top_k if cfg.is_moe else 0, int(cfg.qk_norm),
-            int(cfg.router == "sigmoid"), int(cfg.norm_topk_prob), int(cache.k.dtype == torch.float16),
+            int(cfg.router == "sigmoid"), int(cfg.norm_topk_prob), KV_TYPES[cache.k.dtype],
             cfg.norm_eps, cfg.routed_scaling_factor,
             self.inv_freq.data_ptr(),
             _mat(self.embed.weight if isinstance(self.embed, Int4Embedding) else None),

@@ -151,18 +151,25 @@ def q4_moe(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Q4Weight, down:
     return op(*args).view(x.shape)
 
 
-def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor) -> Tensor:
+KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # the KV cache element types of kernels/q8q4.c
+
+
+def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, k_scale: Tensor | None = None,
+                     v_scale: Tensor | None = None) -> Tensor:
     """One token's attention over cache positions 0 .. length-1 only. q [1, H, 1, hd]; caches
-    [1, KVH, max_len, hd] fp32 or fp16 (converted to fp32 as read); returns [1, H, 1, hd] fp32."""
+    [1, KVH, max_len, hd] fp32, fp16 or int8 (then with their scales [1, KVH, max_len]; converted to fp32 as
+    read); returns [1, H, 1, hd] fp32."""
     op = torch.ops.mobilemoe.attention_decode if torch.compiler.is_compiling() else _attention_decode
-    return op(q.float().contiguous(), k_cache, v_cache, length)
+    return op(q.float().contiguous(), k_cache, v_cache, length, k_scale, v_scale)
 
 
-def _attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor) -> Tensor:
+def _attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, k_scale: Tensor | None = None,
+                      v_scale: Tensor | None = None) -> Tensor:
     _, h, _, hd = q.shape
     out = torch.empty_like(q)
-    q8q4_library().attention_decode(_ptr(q), _ptr(k_cache), _ptr(v_cache), h, k_cache.shape[1], hd,
-                                    k_cache.shape[2], int(length), int(k_cache.dtype == torch.float16), _ptr(out))
+    scales = (None, None) if k_scale is None else (_ptr(k_scale), _ptr(v_scale))
+    q8q4_library().attention_decode(_ptr(q), _ptr(k_cache), _ptr(v_cache), *scales, h, k_cache.shape[1], hd,
+                                    k_cache.shape[2], int(length), KV_TYPES[k_cache.dtype], _ptr(out))
     return out
 
 
@@ -174,7 +181,7 @@ torch.library.custom_op("mobilemoe::attention_decode", _attention_decode, mutate
 torch.library.register_fake("mobilemoe::q4_linear", lambda x, b, s, c: x.new_empty(x.shape[0], c.shape[-1]))
 torch.library.register_fake("mobilemoe::q4_ffn", lambda x, gu, dn: torch.empty_like(x))
 torch.library.register_fake("mobilemoe::q4_moe", lambda x, e, w, gu, dn, sgu, sdn: torch.empty_like(x))
-torch.library.register_fake("mobilemoe::attention_decode", lambda q, k, v, n: torch.empty_like(q))
+torch.library.register_fake("mobilemoe::attention_decode", lambda q, k, v, n, ks, vs: torch.empty_like(q))
 
 
 # --- the yardstick --------------------------------------------------------------------------------------

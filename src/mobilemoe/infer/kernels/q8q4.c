@@ -189,6 +189,41 @@ void f16_from_f32(const float *src, uint16_t *dst, int n) {
     for (; i < n; i++) dst[i] = float_to_half(src[i]);
 }
 
+/* ---- the KV cache: fp32, fp16, or int8 rows with one scale each ---------------------------------------
+ * int8 (as llama.cpp's q8_0, but one scale per (position, kv head) row of hd values instead of per 32): each
+ * row symmetric, scale = max |x| / 127 (at least FLT_MIN, so a zero row stays zero), q = round(x / scale)
+ * half to even; bitwise the engine's torch `quantize_kv`, so prefill (torch) and decode (here) write the
+ * same cache. Scales are fp32, [KVH][max_len] beside the [KVH][max_len][hd] values. */
+enum { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 };
+
+static inline size_t kv_bytes(int type) { return type == KV_F32 ? 4 : type == KV_F16 ? 2 : 1; }
+
+void kv_quantize(const float *x, int n, int hd, int8_t *q, float *scale) {
+    for (int r = 0; r < n; r++) {
+        const float *xr = x + (size_t)r * hd;
+        float amax = 0.0f;
+        for (int d = 0; d < hd; d++) amax = fabsf(xr[d]) > amax ? fabsf(xr[d]) : amax;
+        float s = amax / 127.0f;
+        if (s < FLT_MIN) s = FLT_MIN;
+        for (int d = 0; d < hd; d++) {
+            float v = nearbyintf(xr[d] / s);
+            v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+            q[(size_t)r * hd + d] = (int8_t)v;
+        }
+        scale[r] = s;
+    }
+}
+
+/* int8 values to fp32, unscaled (the scales are applied per position by the caller) */
+static inline void f32_from_i8(const int8_t *src, float *dst, int n) {
+    int i = 0;
+#if defined(USE_AVX512)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i)))));
+#endif
+    for (; i < n; i++) dst[i] = (float)src[i];
+}
+
 #if defined(USE_AVX512)
 static inline __attribute__((always_inline)) void block_tile_n(const uint8_t *wb, const uint16_t *sb, int G,
                                                                const int8_t *const *qa, const int32_t *const *gs,
@@ -538,10 +573,26 @@ static inline float exp_nonpositive(float x) {
 
 #define KV_CHUNK 4096  /* floats of keys or values handled at a time: 16 KB, stays in L1 */
 
-/* positions j0 .. j0+n-1 of one cache head as fp32: the fp32 cache itself, or converted from fp16 into buf */
-static inline const float *kv_rows(const void *head, int f16, int j0, int n, int hd, float *buf) {
-    if (!f16) return (const float *)head + (size_t)j0 * hd;
-    f32_from_f16((const uint16_t *)head + (size_t)j0 * hd, buf, n * hd);
+/* one kv head of a cache: its keys and values, and (int8) their scales per position */
+typedef struct {
+    const void *k, *v;
+    const float *k_scale, *v_scale;
+} KVHead;
+
+/* positions j0 .. j0+n-1 of one cache head (its keys or values) as fp32: the fp32 cache itself, or converted
+ * into buf (int8: q * scale, as torch's dequantization) */
+static inline const float *kv_rows(const void *head, const float *scale, int type, int j0, int n, int hd,
+                                   float *buf) {
+    if (type == KV_F32) return (const float *)head + (size_t)j0 * hd;
+    if (type == KV_F16) {
+        f32_from_f16((const uint16_t *)head + (size_t)j0 * hd, buf, n * hd);
+    } else {
+        for (int j = 0; j < n; j++) {
+            const int8_t *q = (const int8_t *)head + (size_t)(j0 + j) * hd;
+            const float s = scale[j0 + j];
+            for (int d = 0; d < hd; d++) buf[(size_t)j * hd + d] = (float)q[d] * s;
+        }
+    }
     return buf;
 }
 
@@ -582,17 +633,17 @@ static inline __attribute__((always_inline)) void scores(const float *q, const f
 }
 
 /* n query heads (q [n][hd]) that share one kv head, over its positions 0..len-1: keys and values are read
- * (and converted, from an fp16 cache) once per chunk of positions for all n heads; each head's output
+ * (and converted, from an fp16 or int8 cache) once per chunk of positions for all n heads; each head's output
  * accumulates in local arrays, which stay in registers when hd is a constant (attend_heads dispatches
- * hd = 64). p: [n][len] scratch; out: [n][hd]. The same floating-point steps for either cache type. */
-static inline __attribute__((always_inline)) void attend_heads_n(const float *q, int n, const void *kh,
-                                                                 const void *vh, int f16, const int hd, int len,
-                                                                 float scale, float *p, float *out) {
+ * hd = 64). p: [n][len] scratch; out: [n][hd]. The same floating-point steps for every cache type. */
+static inline __attribute__((always_inline)) void attend_heads_n(const float *q, int n, const KVHead kv,
+                                                                 int type, const int hd, int len, float scale,
+                                                                 float *p, float *out) {
     float buf[KV_CHUNK];
     const int chunk = KV_CHUNK / hd;
     for (int j0 = 0; j0 < len; j0 += chunk) {
         const int m = len - j0 < chunk ? len - j0 : chunk;
-        const float *k = kv_rows(kh, f16, j0, m, hd, buf);
+        const float *k = kv_rows(kv.k, kv.k_scale, type, j0, m, hd, buf);
         for (int i = 0; i < n; i++) scores(q + (size_t)i * hd, k, hd, m, scale, p + (size_t)i * len + j0);
     }
     for (int i = 0; i < n; i++) {
@@ -605,7 +656,7 @@ static inline __attribute__((always_inline)) void attend_heads_n(const float *q,
     }
     for (int j0 = 0; j0 < len; j0 += chunk) {
         const int m = len - j0 < chunk ? len - j0 : chunk;
-        const float *v = kv_rows(vh, f16, j0, m, hd, buf);
+        const float *v = kv_rows(kv.v, kv.v_scale, type, j0, m, hd, buf);
         for (int i = 0; i < n; i++) {
             const float *pi = p + (size_t)i * len + j0;
             float *o = out + (size_t)i * hd, acc[256], acc_odd[256];  /* two chains of adds, not one */
@@ -648,13 +699,15 @@ static inline __mmask16 first_lanes(int n) { return n >= 16 ? 0xFFFF : (__mmask1
  * positions (online softmax, as FlashAttention: arXiv 2205.14135): per chunk of 64 positions the keys are
  * converted once into an L1 buffer for the B heads' scores, the chunk's exponentials are taken against the
  * running max (the sums and outputs so far rescaled when it grows), and each value row is converted in
- * registers and multiplied into all B heads' outputs, which stay in registers (B x 4 of them). A head's
- * numbers do not depend on B (the same steps in the same order), so the C step and the per-head torch path
- * agree. */
-static inline __attribute__((always_inline)) void attend_group_64(const float *q, const int B, const void *kh,
-                                                                   const void *vh, const int f16, int len,
-                                                                   float scale, float *out) {
+ * registers and multiplied into all B heads' outputs, which stay in registers (B x 4 of them). An int8
+ * cache is converted unscaled (vpmovsxbd + vcvtdq2ps): a key's scale multiplies its score and a value's
+ * scale its softmax weight (the sum of the weights is taken without it). A head's numbers do not depend on B
+ * (the same steps in the same order), so the C step and the per-head torch path agree. */
+static inline __attribute__((always_inline)) void attend_group_64(const float *q, const int B, const KVHead kv,
+                                                                   const int type, int len, float scale,
+                                                                   float *out) {
     enum { HD = 64 };
+    const char *kh = kv.k, *vh = kv.v;
     float kbuf[ATT_CHUNK * HD], s[6][ATT_CHUNK], top[6], sum[6];
     __m512 acc[6][4];
     for (int i = 0; i < B; i++)
@@ -662,12 +715,21 @@ static inline __attribute__((always_inline)) void attend_group_64(const float *q
     for (int i = 0; i < B; i++) top[i] = -INFINITY, sum[i] = 0.0f;
     for (int j0 = 0; j0 < len; j0 += ATT_CHUNK) {
         const int m = len - j0 < ATT_CHUNK ? len - j0 : ATT_CHUNK;
-        const float *k = kv_rows(kh, f16, j0, m, HD, kbuf);
+        const float *k = kbuf;
+        if (type == KV_I8) f32_from_i8((const int8_t *)kh + (size_t)j0 * HD, kbuf, m * HD);
+        else k = kv_rows(kh, NULL, type, j0, m, HD, kbuf);
         for (int i = 0; i < B; i++) {
             scores(q + i * HD, k, HD, m, scale, s[i]);
             __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int j = 0; j < m; j += 16)  /* lanes past the chunk's end read as -inf */
-                mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(m - j), s[i] + j));
+            for (int j = 0; j < m; j += 16) {  /* lanes past the chunk's end read as -inf */
+                __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(m - j), s[i] + j);
+                if (type == KV_I8) {  /* the keys' scales */
+                    x = _mm512_mul_ps(x, _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), first_lanes(m - j),
+                                                              kv.k_scale + j0 + j));
+                    _mm512_storeu_ps(s[i] + j, x);
+                }
+                mx = _mm512_max_ps(mx, x);
+            }
             const float chunk_top = _mm512_reduce_max_ps(mx);
             if (chunk_top > top[i]) {  /* rescale what was summed against the old max */
                 const float r = exp_nonpositive(top[i] - chunk_top);
@@ -679,7 +741,9 @@ static inline __attribute__((always_inline)) void attend_group_64(const float *q
             for (int j = 0; j < m; j += 16) {
                 const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(m - j), s[i] + j);
                 const __m512 e = exp16_nonpositive(_mm512_sub_ps(x, _mm512_set1_ps(top[i])));  /* -inf: 0 */
-                _mm512_storeu_ps(s[i] + j, e);
+                _mm512_storeu_ps(s[i] + j, type == KV_I8 ? _mm512_mul_ps(e, _mm512_maskz_loadu_ps(first_lanes(m - j),
+                                                                          kv.v_scale + j0 + j))
+                                                         : e);  /* int8: the weight times the value's scale */
                 total = _mm512_add_ps(total, e);
             }
             sum[i] += _mm512_reduce_add_ps(total);
@@ -688,16 +752,17 @@ static inline __attribute__((always_inline)) void attend_group_64(const float *q
             const size_t row = (size_t)(j0 + j) * HD;
             if (j0 + ATT_CHUNK + j < len) {  /* the next chunk's key and value rows, while this one computes */
                 const size_t ahead = row + (size_t)ATT_CHUNK * HD;
-                const size_t bytes = f16 ? 2 : 4;
+                const size_t bytes = kv_bytes(type);
                 for (size_t o = 0; o < HD * bytes; o += 64) {
-                    _mm_prefetch((const char *)kh + ahead * bytes + o, _MM_HINT_T0);
-                    _mm_prefetch((const char *)vh + ahead * bytes + o, _MM_HINT_T0);
+                    _mm_prefetch(kh + ahead * bytes + o, _MM_HINT_T0);
+                    _mm_prefetch(vh + ahead * bytes + o, _MM_HINT_T0);
                 }
             }
             __m512 v[4];
             for (int d = 0; d < 4; d++)
-                v[d] = f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)vh + row + 16 * d)))
-                           : _mm512_loadu_ps((const float *)vh + row + 16 * d);
+                v[d] = type == KV_F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)vh + row + 16 * d)))
+                     : type == KV_I8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(vh + row + 16 * d))))
+                     : _mm512_loadu_ps((const float *)vh + row + 16 * d);
             for (int i = 0; i < B; i++) {
                 const __m512 pj = _mm512_set1_ps(s[i][j]);
                 for (int d = 0; d < 4; d++) acc[i][d] = _mm512_fmadd_ps(pj, v[d], acc[i][d]);
@@ -711,11 +776,11 @@ static inline __attribute__((always_inline)) void attend_group_64(const float *q
     }
 }
 
-static void attend_group_64_any(const float *q, int n, const void *kh, const void *vh, int f16, int len, float scale,
-                                float *out) {
-#define ATTEND(b)                                                     \
-    if (f16) attend_group_64(q, b, kh, vh, 1, len, scale, out);      \
-    else attend_group_64(q, b, kh, vh, 0, len, scale, out);          \
+static void attend_group_64_any(const float *q, int n, const KVHead kv, int type, int len, float scale, float *out) {
+#define ATTEND(b)                                                           \
+    if (type == KV_F16) attend_group_64(q, b, kv, KV_F16, len, scale, out); \
+    else if (type == KV_I8) attend_group_64(q, b, kv, KV_I8, len, scale, out); \
+    else attend_group_64(q, b, kv, KV_F32, len, scale, out);              \
     break
     switch (n) {
         case 1: ATTEND(1);
@@ -729,38 +794,41 @@ static void attend_group_64_any(const float *q, int n, const void *kh, const voi
 }
 #endif
 
-static void attend_heads(const float *q, int n, const void *kh, const void *vh, int f16, int hd, int len,
-                         float scale, float *p, float *out) {
+static void attend_heads(const float *q, int n, const KVHead kv, int type, int hd, int len, float scale, float *p,
+                         float *out) {
 #if defined(USE_AVX512)
     if (hd == 64) {
         for (int i = 0; i < n; i += 6) {  /* at most 6 heads' outputs (24 registers) at a time */
             const int b = n - i < 6 ? n - i : 6;
-            attend_group_64_any(q + (size_t)i * 64, b, kh, vh, f16, len, scale, out + (size_t)i * 64);
+            attend_group_64_any(q + (size_t)i * 64, b, kv, type, len, scale, out + (size_t)i * 64);
         }
         return;
     }
 #endif
-    if (hd == 64) attend_heads_n(q, n, kh, vh, f16, 64, len, scale, p, out);
-    else attend_heads_n(q, n, kh, vh, f16, hd, len, scale, p, out);
+    if (hd == 64) attend_heads_n(q, n, kv, type, 64, len, scale, p, out);
+    else attend_heads_n(q, n, kv, type, hd, len, scale, p, out);
 }
 
-/* kv head g of a cache [KVH][max_len][hd] of fp32 or fp16 */
-static inline void *kv_head(void *cache, int f16, int g, int max_len, int hd) {
-    return (char *)cache + (size_t)g * max_len * hd * (f16 ? 2 : 4);
+/* kv head g of a cache: values [KVH][max_len][hd] of `type`, scales [KVH][max_len] (int8 only, else NULL) */
+static inline KVHead kv_head(void *k_cache, void *v_cache, const float *k_scale, const float *v_scale, int type,
+                             int g, int max_len, int hd) {
+    const size_t values = (size_t)g * max_len * hd * kv_bytes(type), scales = (size_t)g * max_len;
+    KVHead kv = {(char *)k_cache + values, (char *)v_cache + values, k_scale ? k_scale + scales : NULL,
+                 v_scale ? v_scale + scales : NULL};
+    return kv;
 }
 
 /* Decode attention for one token over the filled part of the cache only (positions 0 .. len-1).
- * q [H][hd]; caches [KVH][max_len][hd], fp32 or (f16 != 0) fp16; out [H][hd]. Grouped-query: head h reads
- * kv head h / (H/KVH). */
-void attention_decode(const float *q, void *k_cache, void *v_cache, int H, int KVH, int hd, int max_len, int len,
-                      int f16, float *out) {
+ * q [H][hd]; caches [KVH][max_len][hd] of `type` (KV_F32, KV_F16, or KV_I8 with scales [KVH][max_len]);
+ * out [H][hd]. Grouped-query: head h reads kv head h / (H/KVH). */
+void attention_decode(const float *q, void *k_cache, void *v_cache, const float *k_scale, const float *v_scale,
+                      int H, int KVH, int hd, int max_len, int len, int type, float *out) {
     const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp parallel for schedule(static)
     for (int h = 0; h < H; h++) {
         float *p = malloc(sizeof(float) * len);
-        const int g = h / (H / KVH);
-        attend_heads(q + (size_t)h * hd, 1, kv_head(k_cache, f16, g, max_len, hd), kv_head(v_cache, f16, g, max_len, hd),
-                     f16, hd, len, scale, p, out + (size_t)h * hd);
+        const KVHead kv = kv_head(k_cache, v_cache, k_scale, v_scale, type, h / (H / KVH), max_len, hd);
+        attend_heads(q + (size_t)h * hd, 1, kv, type, hd, len, scale, p, out + (size_t)h * hd);
         free(p);
     }
 }
@@ -775,14 +843,15 @@ void attention_decode(const float *q, void *k_cache, void *v_cache, int H, int K
 typedef struct {
     const float *attn_norm, *ffn_norm;  /* [D] */
     Mat qkv, o;                         /* q, k, v rows in one matrix */
-    void *k_cache, *v_cache;            /* [KVH][max_len][hd], fp32 or fp16 (kv_f16) */
+    void *k_cache, *v_cache;            /* [KVH][max_len][hd] of the model's kv_type */
+    float *k_scale, *v_scale;           /* [KVH][max_len]: an int8 cache's scales (else NULL) */
     Mat gate_up, down;                  /* the dense FFN, or the shared expert (gate_up.N == 0: none) */
     const float *router, *expert_bias;  /* [E][D], [E]; router NULL: a dense layer */
     Mat expert_gate_up, expert_down;    /* expert 0's matrices; the others follow at equal strides */
 } DecodeLayer;
 
 typedef struct {
-    int n_layers, D, H, KVH, hd, max_len, E, top_k, qk_norm, sigmoid, norm_topk, kv_f16;
+    int n_layers, D, H, KVH, hd, max_len, E, top_k, qk_norm, sigmoid, norm_topk, kv_type;
     float eps, route_scale;
     const float *inv_freq;   /* [hd/2] */
     Mat embed, head;         /* head.N == 0: the caller applies the head to `hidden` */
@@ -871,7 +940,7 @@ static Mat mat_index(const Mat *m, int index) { return mat_at(m->w, m->s, m->cor
 /* hidden [D]: in, the token's embedding when m->embed.N == 0; out, the final-normed hidden state.
  * logits [head.N]: written when m->head.N > 0. */
 void decode_step(const DecodeModel *m, int token, int pos, float *hidden, float *logits) {
-    const int D = m->D, H = m->H, KVH = m->KVH, hd = m->hd, len = pos + 1, k = m->top_k, f16 = m->kv_f16;
+    const int D = m->D, H = m->H, KVH = m->KVH, hd = m->hd, len = pos + 1, k = m->top_k, type = m->kv_type;
     int I_max = 1, I_routed = 1;
     for (int l = 0; l < m->n_layers; l++) {
         const DecodeLayer *L = &m->layers[l];
@@ -915,14 +984,18 @@ void decode_step(const DecodeModel *m, int token, int pos, float *hidden, float 
             rope(v, cs, sn, hd);
             if (h >= H) {  /* this position's key and value into the cache */
                 const float *value = qkv + (size_t)(H + KVH + h - H) * hd;
-                char *k_at = kv_head(L->k_cache, f16, h - H, m->max_len, hd), *v_at = kv_head(L->v_cache, f16, h - H,
-                                                                                          m->max_len, hd);
-                if (f16) {
-                    f16_from_f32(v, (uint16_t *)k_at + (size_t)pos * hd, hd);
-                    f16_from_f32(value, (uint16_t *)v_at + (size_t)pos * hd, hd);
+                const KVHead kv = kv_head(L->k_cache, L->v_cache, L->k_scale, L->v_scale, type, h - H, m->max_len, hd);
+                char *k_at = (char *)kv.k + (size_t)pos * hd * kv_bytes(type);
+                char *v_at = (char *)kv.v + (size_t)pos * hd * kv_bytes(type);
+                if (type == KV_F16) {
+                    f16_from_f32(v, (uint16_t *)k_at, hd);
+                    f16_from_f32(value, (uint16_t *)v_at, hd);
+                } else if (type == KV_I8) {
+                    kv_quantize(v, 1, hd, (int8_t *)k_at, (float *)kv.k_scale + pos);
+                    kv_quantize(value, 1, hd, (int8_t *)v_at, (float *)kv.v_scale + pos);
                 } else {
-                    memcpy((float *)k_at + (size_t)pos * hd, v, sizeof(float) * hd);
-                    memcpy((float *)v_at + (size_t)pos * hd, value, sizeof(float) * hd);
+                    memcpy(k_at, v, sizeof(float) * hd);
+                    memcpy(v_at, value, sizeof(float) * hd);
                 }
             }
         }
@@ -930,9 +1003,9 @@ void decode_step(const DecodeModel *m, int token, int pos, float *hidden, float 
             const int nt = omp_get_num_threads(), t = omp_get_thread_num(), G = H / KVH;
             for (int h = H * t / nt, end = H * (t + 1) / nt; h < end;) {
                 const int g = h / G, n = (end < (g + 1) * G ? end : (g + 1) * G) - h;
-                attend_heads(qkv + (size_t)h * hd, n, kv_head(L->k_cache, f16, g, m->max_len, hd),
-                             kv_head(L->v_cache, f16, g, m->max_len, hd), f16, hd, len, scale, p + (size_t)h * len,
-                             att + (size_t)h * hd);
+                attend_heads(qkv + (size_t)h * hd, n,
+                             kv_head(L->k_cache, L->v_cache, L->k_scale, L->v_scale, type, g, m->max_len, hd), type,
+                             hd, len, scale, p + (size_t)h * len, att + (size_t)h * hd);
                 h += n;
             }
         }
