@@ -181,7 +181,7 @@ torch.library.custom_op("mobilemoe::attention_decode", _attention_decode, mutate
 torch.library.register_fake("mobilemoe::q4_linear", lambda x, b, s, c: x.new_empty(x.shape[0], c.shape[-1]))
 torch.library.register_fake("mobilemoe::q4_ffn", lambda x, gu, dn: torch.empty_like(x))
 torch.library.register_fake("mobilemoe::q4_moe", lambda x, e, w, gu, dn, sgu, sdn: torch.empty_like(x))
-torch.library.register_fake("mobilemoe::attention_decode", lambda q, k, v, n, ks, vs: torch.empty_like(q))
+torch.library.register_fake("mobilemoe::attention_decode", lambda q, k, v, n, ks=None, vs=None: torch.empty_like(q))
 
 
 # --- the yardstick --------------------------------------------------------------------------------------
