@@ -210,23 +210,36 @@ def test_error_messages(checkpoint, tmp_path, monkeypatch):
         evaluate(checkpoint, "piqa", limit=2, show_progress=False)
 
 
-def test_cached_generation_equals_full_recompute_and_exact_match(checkpoint):
+def test_batched_generation_equals_one_prompt_at_a_time_and_exact_match(checkpoint):
+    """Generation runs left-padded batches through the KV cache, rows leaving as they stop: token for token what
+    greedy decoding of one prompt at a time by full forward passes gives."""
     from mobilemoe.eval.runner import exact_match
 
-    loaded = load_for_eval(checkpoint)
-    contexts = ["Question: where do birds live?\nAnswer:", "The quick", "Paris is the capital of France, and"]
+    tokenizer = load_for_eval(checkpoint).tokenizer
+    torch.manual_seed(0)
+    model = Transformer(get_preset("micro-moe")).eval()
+    model.init_weights(0.2)  # larger than at init, so that what is generated depends on the whole prompt
+    contexts = ["Question: where do birds live?\nAnswer:", "The quick", "Paris is the capital of France, and",
+                "Is the dog lazy?", "", "The quick brown fox jumps over the lazy dog. The quick brown fox jumps",
+                "birds"]
+    until = ["q", "$"]
+    scorer = Scorer(model, tokenizer, batch_size=1)  # 4 rows: two batches
+    prompts = [scorer.encode(context) or [scorer.prefix_id] for context in contexts]
     one_by_one = []
     with torch.no_grad():
-        for context in contexts:  # greedy by a full forward pass per token, no cache
-            ids = loaded.tokenizer.encode(context)
+        for prompt in prompts:
             new: list[int] = []
-            while len(new) < 6 and "." not in loaded.tokenizer.decode(new):
-                new.append(int(loaded.model(torch.tensor([ids + new])).logits[0, -1].argmax()))
-            one_by_one.append(loaded.tokenizer.decode(new).split(".")[0])
-    scorer = Scorer(loaded.model, loaded.tokenizer)
-    assert scorer.generate_until(contexts, ["."], 6) == one_by_one
-    assert all(block.attn.kv_cache is None for block in loaded.model.layers)  # scoring continues without it
-    assert all("." not in text for text in one_by_one)
+            while len(new) < 8 and not any(stop in tokenizer.decode(new) for stop in until):
+                token = int(model(torch.tensor([prompt + new])).logits[0, -1].argmax())
+                if token in tokenizer.stop_ids():
+                    break
+                new.append(token)
+            one_by_one.append(new)
+    assert 1 <= min(map(len, one_by_one)) < max(map(len, one_by_one)) == 8  # rows stop early and late
+    assert scorer.greedy_until(prompts, until, 8) == one_by_one
+    texts = [tokenizer.decode(tokens).split("q")[0].split("$")[0] for tokens in one_by_one]
+    assert Scorer(model, tokenizer, batch_size=8).generate_until(contexts, until, 8) == texts
+    assert all(block.attn.kv_cache is None for block in model.layers)  # scoring continues without it
     assert exact_match("The Seine!", ["seine"], ["\\b(?:The |the )"]) and not exact_match("Rhine", ["Seine"])
 
 

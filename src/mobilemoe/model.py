@@ -46,7 +46,7 @@ def rope_frequencies(cfg: ModelConfig) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (the transformers/NeoX layout). x [B, H, T, hd]; cos/sin [T, hd]."""
+    """Rotate-half RoPE (the transformers/NeoX layout). x [B, H, T, hd]; cos/sin [T, hd] or [B, 1, T, hd]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -210,12 +210,15 @@ class Transformer(nn.Module):
                 logits_at: Tensor | None = None) -> ModelOutput:
         """tokens [B, T]; targets [B, T] with IGNORE_INDEX where no loss is taken; input_pos [T] when cached.
         Packed sequences (several documents in one row, no cache): `positions` [T] and a bool `mask` [T, T]
-        (True: may attend) replace the causal defaults; `logits_at` [N] computes the head only there."""
+        (True: may attend) replace the causal defaults; `logits_at` [N] computes the head only there. Left-padded
+        rows through the cache: `positions` [B, T] (each row's own) and `mask` [B, 1, T, cache length]."""
         T = tokens.shape[1]
         if positions is None:
             positions = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
-        freqs = torch.outer(positions.float(), self.inv_freq)
+        freqs = positions.float()[..., None] * self.inv_freq  # [T, hd/2], or [B, T, hd/2] with positions per row
         cos, sin = torch.cat((freqs.cos(), freqs.cos()), -1), torch.cat((freqs.sin(), freqs.sin()), -1)
+        if positions.dim() == 2:  # broadcast over heads
+            cos, sin = cos[:, None], sin[:, None]
         if mask is None and input_pos is not None and self.causal_mask is not None:
             mask = self.causal_mask[input_pos]
 
