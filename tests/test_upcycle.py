@@ -118,6 +118,16 @@ def test_cli_planner_terms_and_its_errors(parent, tmp_path, capsys):
     assert "already an MoE" in capsys.readouterr().err
 
 
+def test_bench_names_models_by_their_recorded_name_not_their_path(parent, tmp_path):
+    from mobilemoe.infer.bench import bench_names
+
+    grow(parent, tmp_path / "moe")
+    assert bench_names([str(tmp_path / "moe"), f"parent={parent}", "micro-moe"]) == [
+        ("micro-dense-split-6x32-top2", str(tmp_path / "moe")), ("parent", str(parent)), ("micro-moe", "micro-moe")]
+    with pytest.raises(MobileMoEError, match="two models would be called 'micro-dense'.*--preset a=DIR"):
+        bench_names([str(parent), "micro-dense"])
+
+
 def test_upcycled_checkpoint_goes_through_every_room(parent, tmp_path):
     """Train a few steps, INT4 engine (with the C decode kernel where it builds), eval, export hf and gguf."""
     from mobilemoe.eval.runner import evaluate
@@ -159,8 +169,9 @@ def test_upcycled_checkpoint_goes_through_every_room(parent, tmp_path):
         got = engine(torch.tensor([prompt])).logits.float()
     assert (got - want).abs().max() < 0.03 * want.abs().max()
     assert len(list(generate_tokens(engine, prompt, 6, cache_dtype=torch.bfloat16))) == 6  # decode: C kernel
-    speed = bench_models([str(int4_dir), "micro-dense"], [8], [8], decode_steps=2, rounds=1, compile=False)
+    speed = bench_models([f"upcycled={int4_dir}", "micro-dense"], [8], [8], decode_steps=2, rounds=1, compile=False)
     assert speed[0].active_params < speed[0].total_params and all(r.decode_tok_s[8] > 0 for r in speed)
+    assert [r.name for r in speed] == ["upcycled", "micro-dense"]
 
     task = Task("local", "multiple_choice", lambda: [multiple_choice_example("Call me", [" Ishmael", " Ahab"], 0)],
                 ("acc",), "acc", "test")

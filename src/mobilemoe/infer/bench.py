@@ -8,6 +8,8 @@ measured as one more turn in every round of that decode measurement), at each th
 are real text
 (the embedded Moby Dick; through a checkpoint's tokenizer, else as UTF-8 byte ids), so the routing sees
 real token sequences. All models stay loaded and take turns in every measurement (median of 3 rounds).
+Tables, bench.json and bench.png name each model by `NAME=` in front of its argument, else by a checkpoint's
+recorded name (its config's), else by the preset's.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from mobilemoe.checkpoint import checkpoint_scheme
+from mobilemoe.checkpoint import checkpoint_scheme, load_config
 from mobilemoe.config import ModelConfig, get_preset
+from mobilemoe.errors import MobileMoEError
 from mobilemoe.infer.engine import (
     KV_CACHE_DTYPE,
     build_int4_model,
@@ -37,7 +40,8 @@ from mobilemoe.ui import console, human_bytes, human_count
 
 @dataclass
 class ModelBench:
-    preset: str
+    name: str  # what tables and plots call it
+    preset: str  # the preset or checkpoint directory measured
     active_params: int
     total_params: int
     int4_bytes: int
@@ -85,6 +89,24 @@ def real_text_ids(n: int, vocab: int, tokenizer=None) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
+def bench_names(specs: list[str]) -> list[tuple[str, str]]:
+    """(name, preset or checkpoint directory) of each `mobilemoe bench` model: `NAME=WHAT` names it, a checkpoint
+    is named by its config's recorded name, a preset by itself; two models may not share a name."""
+    pairs = []
+    for spec in specs:
+        name, named, what = spec.partition("=")
+        if not named or Path(spec).exists():
+            name, what = "", spec
+        if not name:
+            name = load_config(what).name if (Path(what) / "config.json").is_file() else what
+        pairs.append((name, what))
+    names = [name for name, _ in pairs]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise MobileMoEError(f"two models would be called {repeated[0]!r} in the tables and the plot: name them, "
+                             "e.g. --preset a=DIR --vs b=DIR")
+    return pairs
+
+
 @torch.inference_mode()
 def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int,
                  rounds: int = 3, compile: bool = True, threads: tuple[int, ...] = ()) -> list[ModelBench]:
@@ -93,7 +115,8 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
     per context length, before timing). `threads`: measure at each of these thread counts (the models are
     loaded once), results keyed `(threads, length)`; empty: at the current count, keyed by length."""
     models, results, tokenizers = [], [], {}
-    for preset in presets:
+    named = bench_names(presets)
+    for name, preset in named:
         scheme = PAPER_SCHEME
         if (Path(preset) / "config.json").is_file():
             model, tokenizers[preset] = load_int4_model(preset)
@@ -104,12 +127,12 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
         meta = build_on_meta(cfg)
         count = count_parameters(meta)
         models.append(model)
-        results.append(ModelBench(preset, count.active, count.total, weight_bytes(meta, scheme=scheme),
+        results.append(ModelBench(name, preset, count.active, count.total, weight_bytes(meta, scheme=scheme),
                                   active_int4_bytes(cfg, scheme), _rss(), kv_cache_bytes(cfg, 1)))
     extra = rounds * decode_steps + 2
     bandwidth = Bandwidth()
-    ids = {id(m): real_text_ids(max(prompt_lens + contexts) + extra, m.cfg.vocab_size, tokenizers.get(name))
-           for m, name in zip(models, presets, strict=True)}
+    ids = {id(m): real_text_ids(max(prompt_lens + contexts) + extra, m.cfg.vocab_size, tokenizers.get(preset))
+           for m, (_, preset) in zip(models, named, strict=True)}
     for n_threads in threads or (None,):
         if n_threads is not None:
             torch.set_num_threads(n_threads)
@@ -235,8 +258,8 @@ def print_table(results: list[ModelBench], threads: int) -> None:
     from rich.table import Table
 
     base = results[-1]
-    table = Table(title=f"INT4 on this CPU ({threads} threads; fp16 KV cache); ratios vs {base.preset}")
-    for col in ("preset", "active/total", "INT4 weights", "peak RSS so far", "metric", "value", "vs " + base.preset,
+    table = Table(title=f"INT4 on this CPU ({threads} threads; fp16 KV cache); ratios vs {base.name}")
+    for col in ("model", "active/total", "INT4 weights", "peak RSS so far", "metric", "value", "vs " + base.name,
                 "bytes read / token (weights + KV)", "bandwidth use of copy / read (their GB/s)"):
         table.add_column(col)
     for r in results:
@@ -252,7 +275,7 @@ def print_table(results: list[ModelBench], threads: int) -> None:
                          f"{use[t, c]['of_copy']:.0%} / {use[t, c]['of_read']:.0%} "
                          f"({copy / 1e9:.1f} / {read / 1e9:.1f})"))
         for i, (metric, value, ref, read_text, bw) in enumerate(rows):
-            head = (r.preset, f"{human_count(r.active_params)}/{human_count(r.total_params)}",
+            head = (r.name, f"{human_count(r.active_params)}/{human_count(r.total_params)}",
                     human_bytes(r.int4_bytes), human_bytes(r.peak_rss)) if i == 0 else ("",) * 4
             table.add_row(*head, metric, f"{value:,.1f}", f"{value / ref:.2f}x", read_text, bw)
     console.print(table)
@@ -269,7 +292,7 @@ def plot(results: list[ModelBench], path: Path) -> None:
     for i, r in enumerate(results):
         for ax, values in zip(axes, (r.prefill_tok_s, r.decode_tok_s), strict=True):
             xs = [j + i * width for j in range(len(values))]
-            ax.bar(xs, list(values.values()), width, label=r.preset)
+            ax.bar(xs, list(values.values()), width, label=r.name)
             ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(values))],
                           [f"{t} thr, {n}" for t, n in values])
     axes[0].set(title="prefill", xlabel="threads, prompt tokens", ylabel="tokens/s")

@@ -158,9 +158,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("bench", help="INT4 prefill/decode speed and memory of presets, side by side")
-    p.add_argument("--preset", default="mobilemoe-s", help="preset (random INT4 weights) or INT4 checkpoint directory")
+    p.add_argument("--preset", default="mobilemoe-s", help="preset (random INT4 weights) or INT4 checkpoint "
+                   "directory; NAME=DIR names it in the tables and plot (default: the checkpoint's recorded name)")
     p.add_argument("--vs", nargs="*", default=["mobilellm-pro"], help="presets or INT4 checkpoint directories to "
-                   "compare against (last = base)")
+                   "compare against (last = base), NAME= as for --preset")
     p.add_argument("--prompt-lens", type=positive_ints, default="256,1024",
                    help="comma-separated prompt lengths for prefill")
     p.add_argument("--contexts", type=positive_ints, default="256,1024", help="comma-separated contexts for decode")
