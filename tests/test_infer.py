@@ -198,6 +198,31 @@ def test_int4_checkpoint_stores_the_kernel_layout_and_loading_maps_it(tmp_path):
         assert torch.equal(engine(ids).logits, reference(ids).logits)
 
 
+def test_huge_pages_copy_the_weights_out_of_the_file_and_compute_the_same(tmp_path):
+    """`--huge-pages`: the weights live in one anonymous mapping starting on a 2 MB boundary, not in the file's
+    mapping; prefill logits and greedy decode (the C step) are the mapped model's exactly."""
+    from mobilemoe.infer.engine import HUGE_PAGE, in_huge_pages
+
+    torch.manual_seed(0)
+    cfg = get_preset("micro-moe")
+    save_model(tmp_path / "int4", Transformer(cfg), int4=True)
+    file = str(tmp_path / "int4" / "model.safetensors")
+    mapped, _ = load_int4_model(tmp_path / "int4")
+    huge, _ = load_int4_model(tmp_path / "int4", huge_pages=True)
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(file)]
+    spans = [tuple(int(a, 16) for a in m[0].split("-")) for m in maps]
+    for w in (huge.layers[0].attn.qkv_proj.weight, huge.layers[1].ffn.gate_up, huge.lm_head.weight):
+        assert not any(lo <= w.blocks.data_ptr() < hi for lo, hi in spans)
+    copies = in_huge_pages({"a": torch.arange(5, dtype=torch.int16), "b": torch.ones(3, 4)})
+    assert copies["a"].data_ptr() % HUGE_PAGE == 0 and copies["b"].data_ptr() % 64 == 0
+    assert torch.equal(copies["a"], torch.arange(5, dtype=torch.int16)) and torch.equal(copies["b"], torch.ones(3, 4))
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(huge(ids).logits, mapped(ids).logits)
+    prompt = ids[0].tolist()
+    assert list(generate_tokens(huge, prompt, 8)) == list(generate_tokens(mapped, prompt, 8))
+
+
 def test_sampling_is_deterministic_with_a_seed():
     model = Transformer(get_preset("micro-moe")).eval()
     prompt = [5, 17, 300, 42]

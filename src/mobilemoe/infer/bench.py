@@ -109,21 +109,23 @@ def bench_names(specs: list[str]) -> list[tuple[str, str]]:
 
 @torch.inference_mode()
 def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int,
-                 rounds: int = 3, compile: bool = True, threads: tuple[int, ...] = ()) -> list[ModelBench]:
+                 rounds: int = 3, compile: bool = True, threads: tuple[int, ...] = (),
+                 huge_pages: bool = False) -> list[ModelBench]:
     """Every measurement alternates between the models round by round (median of `rounds`), so load on
     a shared machine hits them alike. With `compile`, decode runs the torch.compile'd step (compiled once
     per context length, before timing). `threads`: measure at each of these thread counts (the models are
-    loaded once), results keyed `(threads, length)`; empty: at the current count, keyed by length."""
+    loaded once), results keyed `(threads, length)`; empty: at the current count, keyed by length. `huge_pages`:
+    every model's weights in transparent huge pages (`engine.in_huge_pages`)."""
     models, results, tokenizers = [], [], {}
     named = bench_names(presets)
     for name, preset in named:
         scheme = PAPER_SCHEME
         if (Path(preset) / "config.json").is_file():
-            model, tokenizers[preset] = load_int4_model(preset)
+            model, tokenizers[preset] = load_int4_model(preset, huge_pages)
             cfg, scheme = model.cfg, checkpoint_scheme(preset)
         else:
             cfg = get_preset(preset)
-            model = build_int4_model(cfg, random_int4_tensors(cfg))
+            model = build_int4_model(cfg, random_int4_tensors(cfg), huge_pages)
         meta = build_on_meta(cfg)
         count = count_parameters(meta)
         models.append(model)
@@ -221,23 +223,23 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, dtype: torch.dtype = KV_CACHE
 
 
 def run_bench(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int,
-              threads: list[int], out: Path, compile: bool = True, rounds: int = 3) -> dict:
+              threads: list[int], out: Path, compile: bool = True, rounds: int = 3, huge_pages: bool = False) -> dict:
     """`bench_models` at each thread count (models loaded once); a table per thread count, bench.json and
     bench.png."""
-    results = bench_models(presets, prompt_lens, contexts, decode_steps, rounds, compile, tuple(threads))
+    results = bench_models(presets, prompt_lens, contexts, decode_steps, rounds, compile, tuple(threads), huge_pages)
 
     def by_thread(values: dict) -> dict[str, dict[int, float]]:
         return {str(t): {n: v for (tt, n), v in values.items() if tt == t} for t in threads}
 
     per_thread = ("prefill_tok_s", "ttft_s", "decode_tok_s", "prefill_rounds", "yardstick")
-    report = {"threads": threads, "rounds": rounds, "compiled_decode": compile,
+    report = {"threads": threads, "rounds": rounds, "compiled_decode": compile, "huge_pages": huge_pages,
               "kv_cache_dtype": str(KV_CACHE_DTYPE).removeprefix("torch."),
               "models": [asdict(r) | {f: by_thread(getattr(r, f)) for f in per_thread} |
                          {"decode_bandwidth_use": by_thread(decode_bandwidth_use(r))} for r in results]}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "bench.json", report)
     for t in threads:
-        print_table(results, t)
+        print_table(results, t, huge_pages)
     plot(results, out / "bench.png")
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return report
@@ -254,11 +256,12 @@ def decode_bandwidth_use(r: ModelBench) -> dict:
     return use
 
 
-def print_table(results: list[ModelBench], threads: int) -> None:
+def print_table(results: list[ModelBench], threads: int, huge_pages: bool = False) -> None:
     from rich.table import Table
 
     base = results[-1]
-    table = Table(title=f"INT4 on this CPU ({threads} threads; fp16 KV cache); ratios vs {base.name}")
+    pages = "weights in 2 MB huge pages" if huge_pages else "weights in 4 KB pages"
+    table = Table(title=f"INT4 on this CPU ({threads} threads; fp16 KV cache; {pages}); ratios vs {base.name}")
     for col in ("model", "active/total", "INT4 weights", "peak RSS so far", "metric", "value", "vs " + base.name,
                 "bytes read / token (weights + KV)", "bandwidth use of copy / read (their GB/s)"):
         table.add_column(col)

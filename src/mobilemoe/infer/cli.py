@@ -30,6 +30,9 @@ def _load(args: argparse.Namespace):
     from mobilemoe.ui import console
 
     path = Path(args.checkpoint)
+    if args.huge_pages and not args.int4:
+        raise MobileMoEError("--huge-pages places the INT4 engine's weights: add --int4 (a float model keeps torch's "
+                             "own memory)")
     float_weights = (path / "model.safetensors").is_file() and read_metadata(path / "model.safetensors").get(
         "quantization") != INT4_FORMAT
     if args.int4 and float_weights:
@@ -37,10 +40,11 @@ def _load(args: argparse.Namespace):
         console.print(f"[yellow]note:[/] {path} holds float weights; quantizing them to INT4 (g32{scheme.suffix}) "
                       "at load")
         loaded = load_model(path)
-        model = build_int4_model(loaded.model.cfg, model_tensors(loaded.model, int4=True, scheme=scheme))
+        model = build_int4_model(loaded.model.cfg, model_tensors(loaded.model, int4=True, scheme=scheme),
+                                 args.huge_pages)
         tokenizer = loaded.tokenizer
     elif args.int4:
-        model, tokenizer = load_int4_model(path)
+        model, tokenizer = load_int4_model(path, args.huge_pages)
     else:
         loaded = load_model(path)
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -109,7 +113,7 @@ def _bench(args: argparse.Namespace) -> None:
     from mobilemoe.infer.bench import run_bench
 
     run_bench([args.preset, *args.vs], args.prompt_lens, args.contexts, args.decode_steps,
-              args.threads, Path(args.out), compile=args.compile, rounds=args.rounds)
+              args.threads, Path(args.out), compile=args.compile, rounds=args.rounds, huge_pages=args.huge_pages)
 
 
 def _add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
@@ -118,6 +122,12 @@ def _add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", choices=list(KV_CACHE_DTYPES), default="fp16",
                    help="the INT4 engine's KV cache: fp16 (half fp32's bytes; default), int8 (one scale per head "
                         "and position: about half fp16's bytes, for long contexts) or fp32")
+
+
+def _add_huge_pages_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--huge-pages", action="store_true",
+                   help="copy the INT4 weights into transparent huge pages at load instead of mapping the file "
+                        "(decode ~7-11%% faster here; loading copies the weights, as llama.cpp's --no-mmap reads them)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -130,6 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--int4", action="store_true", help="run INT4 weights through the engine's int4 kernels")
         add_int4_scheme_arguments(p)
         _add_kv_cache_argument(p)
+        _add_huge_pages_argument(p)
         p.add_argument("--max-new-tokens", type=positive_int, default=64)
         p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
         p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
@@ -152,6 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int4", action="store_true", help="run INT4 weights through the engine's int4 kernels")
     add_int4_scheme_arguments(p)
     _add_kv_cache_argument(p)
+    _add_huge_pages_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--name", help="model id clients send (default: the model config's name)")
@@ -170,5 +182,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=positive_int, default=3, help="rounds per measurement (the median is shown)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="time the eager decode step instead of the torch.compile'd one")
+    _add_huge_pages_argument(p)
     p.add_argument("--out", default="bench_results")
     p.set_defaults(handler=_bench)
