@@ -25,11 +25,13 @@ from mobilemoe.checkpoint import checkpoint_scheme, load_config
 from mobilemoe.config import ModelConfig, get_preset
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.infer.engine import (
-    KV_CACHE_DTYPE,
+    KV_CACHE_DTYPES,
     build_int4_model,
     compile_decode,
+    in_huge_pages,
     load_int4_model,
     random_int4_tensors,
+    stored_layout,
 )
 from mobilemoe.infer.generate import last_position
 from mobilemoe.io import atomic_write_json
@@ -47,7 +49,8 @@ class ModelBench:
     int4_bytes: int
     active_int4_bytes: int  # weight bytes read per decoded token
     peak_rss: int  # process peak after this model was loaded (models load in order)
-    kv_bytes_per_position: int  # KV cache bytes a decode step reads per context position (fp16 cache)
+    kv_bytes_per_position: int  # KV cache bytes a decode step reads per context position
+    kv_cache: str = "fp16"  # the KV cache it runs with (a name of engine.KV_CACHE_DTYPES)
     prefill_tok_s: dict[int, float] = field(default_factory=dict)
     ttft_s: dict[int, float] = field(default_factory=dict)
     decode_tok_s: dict[int, float] = field(default_factory=dict)
@@ -56,6 +59,10 @@ class ModelBench:
     # of bandwidth use. On a shared machine it moves between runs (2 threads: 42-73 GB/s here), so it is taken
     # in the same minutes as the decode it divides
     yardstick: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.kv_cache} KV)"
 
 
 class Bandwidth:
@@ -110,12 +117,14 @@ def bench_names(specs: list[str]) -> list[tuple[str, str]]:
 @torch.inference_mode()
 def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int,
                  rounds: int = 3, compile: bool = True, threads: tuple[int, ...] = (),
-                 huge_pages: bool = False) -> list[ModelBench]:
+                 huge_pages: bool = False, kv_caches: tuple[str, ...] = ("fp16",)) -> list[ModelBench]:
     """Every measurement alternates between the models round by round (median of `rounds`), so load on
     a shared machine hits them alike. With `compile`, decode runs the torch.compile'd step (compiled once
     per context length, before timing). `threads`: measure at each of these thread counts (the models are
     loaded once), results keyed `(threads, length)`; empty: at the current count, keyed by length. `huge_pages`:
-    every model's weights in transparent huge pages (`engine.in_huge_pages`)."""
+    every model's weights in transparent huge pages (`engine.in_huge_pages`). `kv_caches`: each preset runs
+    once per KV cache (engines sharing one copy of a preset's weights), in the order given, e.g. S fp16, S int8,
+    Pro fp16, Pro int8."""
     models, results, tokenizers = [], [], {}
     named = bench_names(presets)
     for name, preset in named:
@@ -123,18 +132,24 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
         if (Path(preset) / "config.json").is_file():
             model, tokenizers[preset] = load_int4_model(preset, huge_pages)
             cfg, scheme = model.cfg, checkpoint_scheme(preset)
+            engines = [model] + [load_int4_model(preset, huge_pages)[0] for _ in kv_caches[1:]]
         else:
             cfg = get_preset(preset)
-            model = build_int4_model(cfg, random_int4_tensors(cfg), huge_pages)
+            tensors = stored_layout(cfg, random_int4_tensors(cfg))  # in the kernels' layout: engines share it
+            tensors = in_huge_pages(tensors) if huge_pages else tensors
+            engines = [build_int4_model(cfg, tensors) for _ in kv_caches]
         meta = build_on_meta(cfg)
         count = count_parameters(meta)
-        models.append(model)
-        results.append(ModelBench(name, preset, count.active, count.total, weight_bytes(meta, scheme=scheme),
-                                  active_int4_bytes(cfg, scheme), _rss(), kv_cache_bytes(cfg, 1)))
+        for model, kv_cache in zip(engines, kv_caches, strict=True):
+            model.kv_cache_dtype = KV_CACHE_DTYPES[kv_cache]
+            models.append(model)
+            results.append(ModelBench(name, preset, count.active, count.total, weight_bytes(meta, scheme=scheme),
+                                      active_int4_bytes(cfg, scheme), _rss(), kv_cache_bytes(cfg, 1, kv_cache),
+                                      kv_cache))
     extra = rounds * decode_steps + 2
     bandwidth = Bandwidth()
-    ids = {id(m): real_text_ids(max(prompt_lens + contexts) + extra, m.cfg.vocab_size, tokenizers.get(preset))
-           for m, (_, preset) in zip(models, named, strict=True)}
+    ids = {id(m): real_text_ids(max(prompt_lens + contexts) + extra, m.cfg.vocab_size, tokenizers.get(r.preset))
+           for m, r in zip(models, results, strict=True)}
     for n_threads in threads or (None,):
         if n_threads is not None:
             torch.set_num_threads(n_threads)
@@ -198,7 +213,7 @@ def median(values: list[float]) -> float:
 
 
 def _prefill(model: Transformer, ids: list[int], extra: int = 1) -> None:
-    model.setup_cache(1, len(ids) + extra)  # the engine's default KV cache (fp16)
+    model.setup_cache(1, len(ids) + extra)  # the model's kv_cache_dtype
     model(torch.tensor([ids]), input_pos=torch.arange(len(ids)), logits_at=last_position(len(ids)))
 
 
@@ -217,23 +232,27 @@ def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def kv_cache_bytes(cfg: ModelConfig, context: int, dtype: torch.dtype = KV_CACHE_DTYPE) -> int:
-    """KV cache bytes a decode step reads at `context`: keys and values of every layer and position."""
-    return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * dtype.itemsize
+def kv_cache_bytes(cfg: ModelConfig, context: int, kv_cache: str = "fp16") -> int:
+    """KV cache bytes a decode step reads at `context`: keys and values of every layer and position (int8: and
+    their fp32 scales, one per position and kv head)."""
+    per_row = cfg.head_dim * KV_CACHE_DTYPES[kv_cache].itemsize + (4 if kv_cache == "int8" else 0)
+    return cfg.n_layers * 2 * cfg.n_kv_heads * per_row * context
 
 
 def run_bench(presets: list[str], prompt_lens: list[int], contexts: list[int], decode_steps: int,
-              threads: list[int], out: Path, compile: bool = True, rounds: int = 3, huge_pages: bool = False) -> dict:
+              threads: list[int], out: Path, compile: bool = True, rounds: int = 3, huge_pages: bool = False,
+              kv_caches: tuple[str, ...] = ("fp16",)) -> dict:
     """`bench_models` at each thread count (models loaded once); a table per thread count, bench.json and
     bench.png."""
-    results = bench_models(presets, prompt_lens, contexts, decode_steps, rounds, compile, tuple(threads), huge_pages)
+    results = bench_models(presets, prompt_lens, contexts, decode_steps, rounds, compile, tuple(threads), huge_pages,
+                           tuple(kv_caches))
 
     def by_thread(values: dict) -> dict[str, dict[int, float]]:
         return {str(t): {n: v for (tt, n), v in values.items() if tt == t} for t in threads}
 
     per_thread = ("prefill_tok_s", "ttft_s", "decode_tok_s", "prefill_rounds", "yardstick")
     report = {"threads": threads, "rounds": rounds, "compiled_decode": compile, "huge_pages": huge_pages,
-              "kv_cache_dtype": str(KV_CACHE_DTYPE).removeprefix("torch."),
+              "kv_caches": list(kv_caches),
               "models": [asdict(r) | {f: by_thread(getattr(r, f)) for f in per_thread} |
                          {"decode_bandwidth_use": by_thread(decode_bandwidth_use(r))} for r in results]}
     out.mkdir(parents=True, exist_ok=True)
@@ -259,14 +278,16 @@ def decode_bandwidth_use(r: ModelBench) -> dict:
 def print_table(results: list[ModelBench], threads: int, huge_pages: bool = False) -> None:
     from rich.table import Table
 
-    base = results[-1]
+    # ratios vs the last model with the same KV cache
+    bases = {r.kv_cache: r for r in results}
+    caches = ", ".join(f"{c} KV cache: vs {b.name}" for c, b in bases.items())
     pages = "weights in 2 MB huge pages" if huge_pages else "weights in 4 KB pages"
-    table = Table(title=f"INT4 on this CPU ({threads} threads; fp16 KV cache; {pages}); ratios vs {base.name}")
-    for col in ("model", "active/total", "INT4 weights", "peak RSS so far", "metric", "value", "vs " + base.name,
+    table = Table(title=f"INT4 on this CPU ({threads} threads; {pages}; {caches})")
+    for col in ("model", "active/total", "INT4 weights", "peak RSS so far", "metric", "value", "ratio",
                 "bytes read / token (weights + KV)", "bandwidth use of copy / read (their GB/s)"):
         table.add_column(col)
     for r in results:
-        use = decode_bandwidth_use(r)
+        base, use = bases[r.kv_cache], decode_bandwidth_use(r)
         rows = [(f"prefill {n} tok/s (TTFT {r.ttft_s[t, n]:.2f}s{', 1 round' if r.prefill_rounds[t, n] == 1 else ''})",
                  v, base.prefill_tok_s[t, n], "", "") for (t, n), v in r.prefill_tok_s.items() if t == threads]
         for (t, c), v in r.decode_tok_s.items():
@@ -278,7 +299,7 @@ def print_table(results: list[ModelBench], threads: int, huge_pages: bool = Fals
                          f"{use[t, c]['of_copy']:.0%} / {use[t, c]['of_read']:.0%} "
                          f"({copy / 1e9:.1f} / {read / 1e9:.1f})"))
         for i, (metric, value, ref, read_text, bw) in enumerate(rows):
-            head = (r.name, f"{human_count(r.active_params)}/{human_count(r.total_params)}",
+            head = (r.label, f"{human_count(r.active_params)}/{human_count(r.total_params)}",
                     human_bytes(r.int4_bytes), human_bytes(r.peak_rss)) if i == 0 else ("",) * 4
             table.add_row(*head, metric, f"{value:,.1f}", f"{value / ref:.2f}x", read_text, bw)
     console.print(table)
@@ -295,7 +316,7 @@ def plot(results: list[ModelBench], path: Path) -> None:
     for i, r in enumerate(results):
         for ax, values in zip(axes, (r.prefill_tok_s, r.decode_tok_s), strict=True):
             xs = [j + i * width for j in range(len(values))]
-            ax.bar(xs, list(values.values()), width, label=r.name)
+            ax.bar(xs, list(values.values()), width, label=r.label)
             ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(values))],
                           [f"{t} thr, {n}" for t, n in values])
     axes[0].set(title="prefill", xlabel="threads, prompt tokens", ylabel="tokens/s")

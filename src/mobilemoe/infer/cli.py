@@ -113,7 +113,19 @@ def _bench(args: argparse.Namespace) -> None:
     from mobilemoe.infer.bench import run_bench
 
     run_bench([args.preset, *args.vs], args.prompt_lens, args.contexts, args.decode_steps,
-              args.threads, Path(args.out), compile=args.compile, rounds=args.rounds, huge_pages=args.huge_pages)
+              args.threads, Path(args.out), compile=args.compile, rounds=args.rounds, huge_pages=args.huge_pages,
+              kv_caches=args.kv_cache)
+
+
+def _kv_caches(text: str) -> list[str]:
+    """A comma-separated list of KV cache names, e.g. `fp16,int8`."""
+    from mobilemoe.infer.engine import KV_CACHE_DTYPES
+
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    if not names or any(n not in KV_CACHE_DTYPES for n in names):
+        raise argparse.ArgumentTypeError(f"must be comma-separated KV caches of {', '.join(KV_CACHE_DTYPES)}; "
+                                         f"got {text!r}")
+    return names
 
 
 def _add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
@@ -180,6 +192,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-steps", type=positive_int, default=16)
     p.add_argument("--threads", type=positive_ints, default="2", help="comma-separated thread counts (e.g. 1,2)")
     p.add_argument("--rounds", type=positive_int, default=3, help="rounds per measurement (the median is shown)")
+    p.add_argument("--kv-cache", type=_kv_caches, default="fp16",
+                   help="comma-separated KV caches (fp16, int8, fp32): each model runs with each, interleaved, "
+                        "e.g. fp16,int8")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="time the eager decode step instead of the torch.compile'd one")
     _add_huge_pages_argument(p)
