@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pte_vs_engine.py [--layers 4] [--prompt 64] [--steps 16]
     .venv/bin/python bench/pte_vs_engine.py --checkpoint CKPT      # e.g. `mobilemoe import gguf smollm2 CKPT`
+    .venv/bin/python bench/pte_vs_engine.py --checkpoint CKPT --embedding-bits 8   # int8 embedding, 8da8w head
 
 Without --checkpoint the model is MobileMoE-S with random weights (the paper's shapes; `--layers` of its 20).
 The same float weights become (a) `export_pte` with MoE layers on `llama::quantized_moe_ffn`, (b) `export_pte(...,
@@ -11,6 +12,9 @@ The .pte programs take one token per call (static T = 1), so their prefill is th
 the engine prefills the prompt in one batched call. Decode: `--steps` tokens after the prompt. Every
 implementation takes its turn in every round (median of `--rounds`), ExecuTorch's threadpool and torch both at
 `--threads`.
+Before the timing, every .pte and the engine take the same prompt and `--steps` greedy tokens, all fed the
+engine's choices: how many tokens each .pte picks like the engine before the first difference, and its logits'
+relative error (max |diff| / max |engine|) at the prompt's last position and over the generated steps.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--embedding-bits", type=int, choices=[4, 8], default=None,
+                        help="embedding/head bits of the .pte and the engine (default: the checkpoint's scheme)")
     parser.add_argument("--out", default=None, help="results file (default: bench_results/pte_vs_engine/<model>.json)")
     args = parser.parse_args()
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
@@ -50,7 +56,8 @@ def main() -> None:
     loaded = _model(args)
     cfg = loaded.model.cfg
     ids = real_text_ids(max_seq_len, cfg.vocab_size, loaded.tokenizer)
-    args.model = f"{cfg.name} ({cfg.n_layers} layers)"
+    scheme = loaded.scheme.with_overrides(args.embedding_bits)
+    args.model = f"{cfg.name}{scheme.suffix} ({cfg.n_layers} layers)"
     results: dict = {"pte_bytes": {}, "export_s": {}, "kernels": {}}
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"ExecuTorch .pte, fused MoE op": True, "ExecuTorch .pte, gather + einsum experts": False}
@@ -60,17 +67,21 @@ def main() -> None:
         for name, fused in variants.items():
             console.print(f"{args.model}: {name} ...")
             started = time.perf_counter()
-            path = export_pte(loaded, Path(tmp) / f"{len(runners)}.pte", max_seq_len, fused_moe=fused)
+            path = export_pte(loaded, Path(tmp) / f"{len(runners)}.pte", max_seq_len, fused_moe=fused,
+                              embedding_bits=args.embedding_bits)
             results["export_s"][name] = time.perf_counter() - started
             results["pte_bytes"][name] = path.stat().st_size
             operators, delegates = pte_kernels(path)
             results["kernels"][name] = {"portable/custom operators": sorted(set(operators)),
                                         "delegate calls": len(delegates), "delegates": sorted(set(delegates))}
             runners[name] = PteRunner(path)
-        save_model(Path(tmp) / "int4", loaded.model, loaded.tokenizer, int4=True)
+        save_model(Path(tmp) / "int4", loaded.model, loaded.tokenizer, int4=True,
+                   scheme=scheme)
         results["int4_checkpoint_bytes"] = sum(f.stat().st_size for f in (Path(tmp) / "int4").iterdir())
         del loaded
         engine, _ = load_int4_model(Path(tmp) / "int4")
+        results["agreement"] = {name: agreement(engine, runner, ids, max_seq_len, args)
+                                for name, runner in runners.items()}
         results.update(run(engine, runners, ids, max_seq_len, args))
     report(results, args)
 
@@ -85,6 +96,31 @@ def _model(args: argparse.Namespace) -> LoadedModel:
         for moe in model.moe_layers():  # a trained router has a non-zero selection bias
             moe.router.expert_bias.normal_(0, 0.05)
     return LoadedModel(model, None, False, Path("<memory>"))
+
+
+@torch.inference_mode()
+def agreement(engine: Transformer, runner: PteRunner, ids: list[int], max_seq_len: int, args: argparse.Namespace
+              ) -> dict:
+    """The .pte against the engine on the prompt then `--steps` greedy tokens, both fed the engine's tokens."""
+    engine.setup_cache(1, max_seq_len)
+    engine_logits = engine(torch.tensor([ids[:args.prompt]]), input_pos=torch.arange(args.prompt)).logits[0, -1]
+    for pos in range(args.prompt):
+        pte_logits = runner.step(ids[pos], pos)
+    errors, same = [], None
+    for step in range(args.steps + 1):
+        errors.append(float((pte_logits - engine_logits.float()).abs().max() / engine_logits.float().abs().max()))
+        token = int(engine_logits.argmax())
+        if same is None and int(pte_logits.argmax()) != token:
+            same = step
+        if step == args.steps:
+            break
+        pos = args.prompt + step
+        engine_logits = engine(torch.tensor([[token]]), input_pos=torch.tensor([pos])).logits[0, -1]
+        pte_logits = runner.step(token, pos)
+    later = sorted(errors[1:])
+    return {"greedy_tokens_equal": args.steps + 1 if same is None else same, "of": args.steps + 1,
+            "rel_error_prompt_end": errors[0], "rel_error_steps_median": later[len(later) // 2],
+            "rel_error_steps_max": later[-1]}
 
 
 @torch.inference_mode()
@@ -149,6 +185,10 @@ def report(results: dict, args: argparse.Namespace) -> None:
         prefill_text = f"{prefill:.1f} | {prefill / engine_prefill:.2f}x" if prefill else " | "
         console.print(f"| {name} | {size} | {prefill_text} | {decode:.1f} | {decode / engine_decode:.2f}x | "
                       f"{vs_previous} |")
+    for name, agreed in results["agreement"].items():
+        console.print(f"{name} vs engine: greedy tokens equal for {agreed['greedy_tokens_equal']} of {agreed['of']}; "
+                      f"logits rel. error {agreed['rel_error_prompt_end']:.1e} at the prompt's end, "
+                      f"{agreed['rel_error_steps_median']:.1e} median / {agreed['rel_error_steps_max']:.1e} max after")
     for name, kernels in results["kernels"].items():
         console.print(f"{name}: {kernels['delegate calls']} XNNPACK delegate calls; portable/custom operators: "
                       f"{', '.join(kernels['portable/custom operators'])}")
