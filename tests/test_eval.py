@@ -282,3 +282,7 @@ def test_bos_and_prefix_token_as_lm_eval_hf_backend(checkpoint, config, tmp_path
     assert scorer.encode(context) == lm.tok_batch_encode([context])[0][0].tolist()
     request = Instance("generate_until", {}, (context, {"until": ["."], "max_gen_toks": 6, "do_sample": False}), 0)
     assert scorer.generate_until([context], ["."], 6) == lm.generate_until([request])
+    stops = [(context, ["."]), ("The quick", ","), ("Paris is", ["."])]  # two batches; lm-eval's until: list or str
+    requests = [Instance("generate_until", {}, (c, {"until": u, "max_gen_toks": 6}), i)
+                for i, (c, u) in enumerate(stops)]
+    assert backend.generate_until(requests) == [scorer.generate_until([c], list(u), 6)[0] for c, u in stops]

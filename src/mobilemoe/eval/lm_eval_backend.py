@@ -53,9 +53,14 @@ class MobileMoELM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for context, gen_kwargs in (r.args for r in requests):  # one at a time: each request has its own stops
+        out = [""] * len(requests)
+        batches: dict[tuple[tuple[str, ...], int], list[int]] = {}  # requests with the same stops decode together
+        for i, (_, gen_kwargs) in enumerate(r.args for r in requests):
             until = gen_kwargs.get("until", [])
-            until = [until] if isinstance(until, str) else list(until)
-            out += self.scorer.generate_until([context], until, int(gen_kwargs.get("max_gen_toks", 256)))
+            key = ((until,) if isinstance(until, str) else tuple(until), int(gen_kwargs.get("max_gen_toks", 256)))
+            batches.setdefault(key, []).append(i)
+        for (until, max_new_tokens), members in batches.items():
+            texts = self.scorer.generate_until([requests[i].args[0] for i in members], list(until), max_new_tokens)
+            for i, text in zip(members, texts, strict=True):
+                out[i] = text
         return out
