@@ -338,14 +338,16 @@ def test_kernel_moe_and_ffn_equal_the_reference(kernel_variant, n_tokens):
 def test_decode_attention_reads_only_the_filled_cache(kernel_variant, cache_dtype, hd, length, heads):
     """Over more than one chunk of 64 positions and a partial one; 3, 5 and 8 query heads per kv head (the
     AVX-512 kernel takes at most 6 at a time); 8 heads on one kv head (heads // 2 else). The int8 cache against
-    attention over its dequantized values (the AVX-512 kernel applies the scales to scores and weights)."""
+    attention over its dequantized values with the query quantized as a key is (the kernels take q . k as an
+    integer dot product and apply the scales to scores and weights)."""
     torch.manual_seed(0)
     kv_heads = 1 if heads == 8 else 2
     q, k, v = torch.randn(1, heads, 1, hd), torch.randn(1, kv_heads, 240, hd), torch.randn(1, kv_heads, 240, hd)
     scales = ()
     if cache_dtype == torch.int8:
-        (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
-        want = F.scaled_dot_product_attention(q, (k.float() * k_scale[..., None])[:, :, :length],
+        (k, k_scale), (v, v_scale), (qq, q_scale) = quantize_kv(k), quantize_kv(v), quantize_kv(q)
+        want = F.scaled_dot_product_attention(qq.float() * q_scale[..., None],
+                                              (k.float() * k_scale[..., None])[:, :, :length],
                                               (v.float() * v_scale[..., None])[:, :, :length], enable_gqa=True)
         k_scale[:, :, length:], v_scale[:, :, length:] = float("nan"), float("nan")  # never read
         scales = (k_scale, v_scale)

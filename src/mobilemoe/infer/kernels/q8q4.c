@@ -214,15 +214,6 @@ void kv_quantize(const float *x, int n, int hd, int8_t *q, float *scale) {
     }
 }
 
-/* int8 values to fp32, unscaled (the scales are applied per position by the caller) */
-static inline void f32_from_i8(const int8_t *src, float *dst, int n) {
-    int i = 0;
-#if defined(USE_AVX512)
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + i)))));
-#endif
-    for (; i < n; i++) dst[i] = (float)src[i];
-}
 
 #if defined(USE_AVX512)
 static inline __attribute__((always_inline)) void block_tile_n(const uint8_t *wb, const uint16_t *sb, int G,
@@ -620,6 +611,22 @@ static inline __attribute__((always_inline)) __m512 dot_16_rows(const float *q, 
 }
 #endif
 
+#if defined(USE_AVX512)
+/* qq . k_j for 16 rows of 64 key bytes stored as k + 128 (unsigned: vpdpbusd multiplies unsigned by signed
+ * bytes), so each sum is qq . k_j + 128 * sum(qq); reduced across the 16 positions as dot_16_rows does */
+static inline __attribute__((always_inline)) __m512i idot_16_rows(const __m512i qq, const uint8_t *k) {
+    __m512i v[16], u[8], x[4];
+    for (int j = 0; j < 16; j++) v[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(k + 64 * j), qq);
+    for (int i = 0; i < 8; i++)
+        u[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        x[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(u[2 * i], u[2 * i + 1]), _mm512_unpackhi_epi64(u[2 * i], u[2 * i + 1]));
+    const __m512i s01 = _mm512_add_epi32(_mm512_shuffle_i32x4(x[0], x[1], 0x88), _mm512_shuffle_i32x4(x[0], x[1], 0xDD));
+    const __m512i s23 = _mm512_add_epi32(_mm512_shuffle_i32x4(x[2], x[3], 0x88), _mm512_shuffle_i32x4(x[2], x[3], 0xDD));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(s01, s23, 0x88), _mm512_shuffle_i32x4(s01, s23, 0xDD));
+}
+#endif
+
 /* p[j] = scale * q . k_j for positions j < m (rows hd apart) */
 static inline __attribute__((always_inline)) void scores(const float *q, const float *k, const int hd, int m,
                                                          float scale, float *p) {
@@ -632,6 +639,23 @@ static inline __attribute__((always_inline)) void scores(const float *q, const f
     for (; j < m; j++) p[j] = dot16(q, k + (size_t)j * hd, hd) * scale;
 }
 
+/* An int8 cache's scores: each query head is quantized as the keys are (`kv_quantize`: int8 qq, scale sq), so
+ * q . k_j is an exact integer dot product, the same on every variant; score_j = dot * (scale * sq) * k_scale_j
+ * (as llama.cpp, which quantizes the query to the int8 cache's type for the dot product). */
+static inline void quantize_queries(const float *q, int n, int hd, float scale, int8_t *qq, float *c) {
+    kv_quantize(q, n, hd, qq, c);
+    for (int i = 0; i < n; i++) c[i] *= scale;
+}
+
+/* p[j] = score of positions j < m: qq (one head's int8 query, c its scale), k / ks: the chunk's keys / scales */
+static inline void scores_i8(const int8_t *qq, float c, const int8_t *k, const float *ks, int hd, int m, float *p) {
+    for (int j = 0; j < m; j++) {
+        int32_t dot = 0;
+        for (int d = 0; d < hd; d++) dot += (int32_t)qq[d] * k[(size_t)j * hd + d];
+        p[j] = (float)dot * c * ks[j];
+    }
+}
+
 /* n query heads (q [n][hd]) that share one kv head, over its positions 0..len-1: keys and values are read
  * (and converted, from an fp16 or int8 cache) once per chunk of positions for all n heads; each head's output
  * accumulates in local arrays, which stay in registers when hd is a constant (attend_heads dispatches
@@ -639,10 +663,18 @@ static inline __attribute__((always_inline)) void scores(const float *q, const f
 static inline __attribute__((always_inline)) void attend_heads_n(const float *q, int n, const KVHead kv,
                                                                  int type, const int hd, int len, float scale,
                                                                  float *p, float *out) {
-    float buf[KV_CHUNK];
+    float buf[KV_CHUNK], qc[n];
+    int8_t qq[n * hd];
     const int chunk = KV_CHUNK / hd;
+    if (type == KV_I8) quantize_queries(q, n, hd, scale, qq, qc);
     for (int j0 = 0; j0 < len; j0 += chunk) {
         const int m = len - j0 < chunk ? len - j0 : chunk;
+        if (type == KV_I8) {
+            for (int i = 0; i < n; i++)
+                scores_i8(qq + (size_t)i * hd, qc[i], (const int8_t *)kv.k + (size_t)j0 * hd, kv.k_scale + j0, hd, m,
+                          p + (size_t)i * len + j0);
+            continue;
+        }
         const float *k = kv_rows(kv.k, kv.k_scale, type, j0, m, hd, buf);
         for (int i = 0; i < n; i++) scores(q + (size_t)i * hd, k, hd, m, scale, p + (size_t)i * len + j0);
     }
@@ -700,36 +732,53 @@ static inline __mmask16 first_lanes(int n) { return n >= 16 ? 0xFFFF : (__mmask1
  * converted once into an L1 buffer for the B heads' scores, the chunk's exponentials are taken against the
  * running max (the sums and outputs so far rescaled when it grows), and each value row is converted in
  * registers and multiplied into all B heads' outputs, which stay in registers (B x 4 of them). An int8
- * cache is converted unscaled (vpmovsxbd + vcvtdq2ps): a key's scale multiplies its score and a value's
- * scale its softmax weight (the sum of the weights is taken without it). A head's numbers do not depend on B
+ * cache: the scores are integer dot products with the quantized queries (`quantize_queries`; AVX-512 VNNI on
+ * the chunk's keys stored once as k + 128), each times its key's scale; values are converted unscaled in
+ * registers (vpmovsxbd + vcvtdq2ps) and a value's scale multiplies its softmax weight (the sum of the weights
+ * is taken without it). A head's numbers do not depend on B
  * (the same steps in the same order), so the C step and the per-head torch path agree. */
 static inline __attribute__((always_inline)) void attend_group_64(const float *q, const int B, const KVHead kv,
                                                                    const int type, int len, float scale,
                                                                    float *out) {
     enum { HD = 64 };
     const char *kh = kv.k, *vh = kv.v;
-    float kbuf[ATT_CHUNK * HD], s[6][ATT_CHUNK], top[6], sum[6];
+    float kbuf[ATT_CHUNK * HD], s[6][ATT_CHUNK], top[6], sum[6], qc[6];
+    int8_t qq[6 * HD];
+    __m512i qv[6], qcorr[6];
+    if (type == KV_I8) {
+        quantize_queries(q, B, HD, scale, qq, qc);
+        for (int i = 0; i < B; i++) {
+            int32_t total = 0;
+            for (int d = 0; d < HD; d++) total += qq[i * HD + d];
+            qv[i] = _mm512_loadu_si512(qq + i * HD);
+            qcorr[i] = _mm512_set1_epi32(128 * total);
+        }
+    }
     __m512 acc[6][4];
     for (int i = 0; i < B; i++)
         for (int d = 0; d < 4; d++) acc[i][d] = _mm512_setzero_ps();
     for (int i = 0; i < B; i++) top[i] = -INFINITY, sum[i] = 0.0f;
     for (int j0 = 0; j0 < len; j0 += ATT_CHUNK) {
         const int m = len - j0 < ATT_CHUNK ? len - j0 : ATT_CHUNK;
-        const float *k = kbuf;
-        if (type == KV_I8) f32_from_i8((const int8_t *)kh + (size_t)j0 * HD, kbuf, m * HD);
-        else k = kv_rows(kh, NULL, type, j0, m, HD, kbuf);
-        for (int i = 0; i < B; i++) {
-            scores(q + i * HD, k, HD, m, scale, s[i]);
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int j = 0; j < m; j += 16) {  /* lanes past the chunk's end read as -inf */
-                __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(m - j), s[i] + j);
-                if (type == KV_I8) {  /* the keys' scales */
-                    x = _mm512_mul_ps(x, _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), first_lanes(m - j),
-                                                              kv.k_scale + j0 + j));
-                    _mm512_storeu_ps(s[i] + j, x);
+        if (type == KV_I8) {  /* the chunk's keys as k + 128, whole groups of 16 (rows past m: zeros, masked below) */
+            uint8_t *kb = (uint8_t *)kbuf;
+            for (int j = 0; j < m; j++)
+                _mm512_storeu_si512(kb + j * HD, _mm512_xor_si512(_mm512_loadu_si512(kh + (size_t)(j0 + j) * HD),
+                                                                  _mm512_set1_epi8((char)0x80)));
+            for (int j = m; j % 16; j++) _mm512_storeu_si512(kb + j * HD, _mm512_setzero_si512());
+            for (int i = 0; i < B; i++)
+                for (int j = 0; j < m; j += 16) {
+                    const __m512i dot = _mm512_sub_epi32(idot_16_rows(qv[i], kb + j * HD), qcorr[i]);
+                    const __m512 ks = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), first_lanes(m - j), kv.k_scale + j0 + j);
+                    _mm512_storeu_ps(s[i] + j, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(qc[i])), ks));
                 }
-                mx = _mm512_max_ps(mx, x);
-            }
+        }
+        const float *k = type == KV_I8 ? NULL : kv_rows(kh, NULL, type, j0, m, HD, kbuf);
+        for (int i = 0; i < B; i++) {
+            if (type != KV_I8) scores(q + i * HD, k, HD, m, scale, s[i]);
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int j = 0; j < m; j += 16)  /* lanes past the chunk's end read as -inf */
+                mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(m - j), s[i] + j));
             const float chunk_top = _mm512_reduce_max_ps(mx);
             if (chunk_top > top[i]) {  /* rescale what was summed against the old max */
                 const float r = exp_nonpositive(top[i] - chunk_top);
