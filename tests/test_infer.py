@@ -266,11 +266,14 @@ def test_compiled_decode_generates_the_eager_tokens(preset):
     assert compiled == eager
 
 
-@pytest.mark.parametrize("preset", ["micro-moe", "micro-dense"])
-def test_decode_step_is_one_graph_without_breaks(preset):
+@pytest.mark.parametrize(("preset", "embedding_bits"), [("micro-moe", 4), ("micro-dense", 4), ("micro-dense", 8)])
+def test_decode_step_is_one_graph_without_breaks(preset, embedding_bits):
     """What `compile_decode` hands torch.compile: one decode step over the static KV cache, as `generate_tokens`
-    runs it. A graph break would silently run part of every step eagerly."""
-    engine, _, _ = _models(preset)
+    runs it (with the 4-bit head, and the 8-bit one). A graph break would silently run part of every step eagerly."""
+    torch.manual_seed(0)
+    cfg = get_preset(preset)
+    engine = build_int4_model(cfg, model_tensors(Transformer(cfg), int4=True,
+                                                 scheme=Int4Scheme(embedding_bits=embedding_bits)))
     engine.setup_cache(1, 32)
     torch._dynamo.reset()
     with torch.inference_mode():
@@ -357,6 +360,20 @@ def test_decode_attention_reads_only_the_filled_cache(kernel_variant, cache_dtyp
         k[:, :, length:], v[:, :, length:] = float("nan"), float("nan")  # never read
     torch.testing.assert_close(q4.attention_decode(q, k, v, torch.tensor(length), *scales), want, rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 6])
+def test_kernel_int8_head_equals_the_dequantized_rows(kernel_variant, n_tokens):
+    """The 8-bit head's weight-only int8 product vs a float64 matmul of the dequantized rows: 101 rows (a block
+    of 64 and a partial one, tails of the 4- and 8-row tiles), K = 100 (a tail past the vector lanes). Each
+    token's logits are bitwise the same computed alone (decode) as among 6 (a tile of 4, then single tokens)."""
+    torch.manual_seed(n_tokens)
+    w, scales = torch.randint(-127, 128, (101, 100), dtype=torch.int8), torch.rand(101) / 100
+    x = torch.randn(n_tokens, 100)
+    got = q4.w8_linear(x, w, scales)
+    assert _relative_error(got, x.double() @ (w.double() * scales.double()[:, None]).T) < 1e-6
+    for t in range(n_tokens):
+        assert torch.equal(got[t:t + 1], q4.w8_linear(x[t:t + 1], w, scales))
 
 
 def test_kernel_int8_kv_quantization_is_torchs(kernel_variant):

@@ -1,8 +1,9 @@
 /* Kernel self-test for builds that Python cannot load here (the NEON variant under qemu-aarch64):
  * includes the kernels, fills one matrix in the layout with fixed pseudo-random bytes and scales, runs
  * q4_linear on a few tokens, then decode attention over an fp16 KV cache (written by f16_from_f32) and an
- * int8 one (written by kv_quantize), and prints the outputs, one per line. tests/test_infer.py compares the
- * output of each build with the same program built as the portable variant. */
+ * int8 one (written by kv_quantize), then the 8-bit head's product (w8_linear), and prints the outputs, one
+ * per line. tests/test_infer.py compares the output of each build with the same program built as the
+ * portable variant. */
 #include "../../src/mobilemoe/infer/kernels/q8q4.c"
 
 #include <stdio.h>
@@ -52,6 +53,14 @@ int main(void) {
     for (int i = 0; i < KVH * LEN; i++) printf("%.9g\n", kv_scale[0][i]);
     attention_decode(q, kv8[0], kv8[1], kv_scale[0], kv_scale[1], H, KVH, HD, LEN, LEN, KV_I8, att);
     for (int i = 0; i < H * HD; i++) printf("%.9g\n", att[i]);
+    enum { WN = 21, WK = 37, WM = 5 };  /* the 8-bit head's product: a tile of 4 tokens and one alone, tails */
+    static int8_t hw[WN * WK];
+    static float hs[WN], hx[WM * WK], hy[WM * WN];
+    for (int i = 0; i < WN * WK; i++) hw[i] = (int8_t)(next() % 255 - 127);
+    for (int i = 0; i < WN; i++) hs[i] = (float)(next() % 1000 + 1) / 1e5f;
+    for (int i = 0; i < WM * WK; i++) hx[i] = (float)((int)(next() % 2001) - 1000) / 250.0f;
+    w8_linear(hx, WM, WK, WN, hw, hs, hy);
+    for (int i = 0; i < WM * WN; i++) printf("%.9g\n", hy[i]);
     printf("%s\n", q4_variant());
     return 0;
 }

@@ -43,6 +43,7 @@ from mobilemoe.infer.q4 import (
     q4_moe,
     unpack_q4,
     unpack_q4_rows,
+    w8_linear,
 )
 from mobilemoe.model import Attention, FeedForward, KVCache, ModelOutput, MoE, Transformer, rope_frequencies
 from mobilemoe.moe import Router
@@ -110,8 +111,8 @@ class Int4Embedding(nn.Module):
 
 class Int8Head(nn.Module):
     """The tied embedding/head kept at 8 bits (`quantize.Int4Scheme(embedding_bits=8)`: int8 per row): the
-    logits are weight-only int8 products on torch's own CPU kernel (`_weight_int8pack_mm`), the lookup
-    dequantizes only the looked-up rows."""
+    logits are weight-only int8 products on our kernel (`q4.w8_linear`: fp32 inputs, as QAT trains the head),
+    the lookup dequantizes only the looked-up rows."""
 
     def __init__(self, qweight: Tensor, scales: Tensor):
         super().__init__()
@@ -119,8 +120,7 @@ class Int8Head(nn.Module):
         self.out_features = qweight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).float().contiguous(), self.qweight, self.scales)
-        return y.view(*x.shape[:-1], self.out_features)
+        return w8_linear(x, self.qweight, self.scales)
 
     def rows(self, tokens: Tensor) -> Tensor:
         return self.qweight[tokens].float() * self.scales[tokens, None]

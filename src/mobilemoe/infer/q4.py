@@ -1,4 +1,5 @@
-"""The engine's INT4 weight layout and its 8da4w products (int8 dynamic activations x INT4 weights).
+"""The engine's INT4 weight layout and its 8da4w products (int8 dynamic activations x INT4 weights), and the
+8-bit embedding/head's weight-only int8 product (`w8_linear`).
 
 `pack_q4` repacks our INT4 format (quantize.py: [N, K/2] bytes, [N, K/32] fp16 scales) into the layout the
 C kernels read (kernels/q8q4.c: blocks of 16 rows whose 4-input slices sit side by side, so one 64-byte
@@ -151,6 +152,21 @@ def q4_moe(x: Tensor, experts: Tensor, weights: Tensor, gate_up: Q4Weight, down:
     return op(*args).view(x.shape)
 
 
+def w8_linear(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """y = x @ (scales[:, None] * W)^T for int8 rows W [N, K] and fp32 per-row scales [N]: the 8-bit
+    embedding/head's weight-only product (x stays float, as QAT trains it). x [..., K]; y fp32 [..., N]."""
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    op = torch.ops.mobilemoe.w8_linear if torch.compiler.is_compiling() else _w8_linear
+    return op(x2, qweight, scales).view(*x.shape[:-1], qweight.shape[0])
+
+
+def _w8_linear(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    (m, k), n = x.shape, qweight.shape[0]
+    y = x.new_empty(m, n)
+    q8q4_library().w8_linear(_ptr(x), m, k, n, _ptr(qweight), _ptr(scales), _ptr(y))
+    return y
+
+
 KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # the KV cache element types of kernels/q8q4.c
 
 
@@ -178,10 +194,12 @@ torch.library.custom_op("mobilemoe::q4_linear", _linear, mutates_args=())
 torch.library.custom_op("mobilemoe::q4_ffn", _ffn, mutates_args=())
 torch.library.custom_op("mobilemoe::q4_moe", _moe, mutates_args=())
 torch.library.custom_op("mobilemoe::attention_decode", _attention_decode, mutates_args=())
+torch.library.custom_op("mobilemoe::w8_linear", _w8_linear, mutates_args=())
 torch.library.register_fake("mobilemoe::q4_linear", lambda x, b, s, c: x.new_empty(x.shape[0], c.shape[-1]))
 torch.library.register_fake("mobilemoe::q4_ffn", lambda x, gu, dn: torch.empty_like(x))
 torch.library.register_fake("mobilemoe::q4_moe", lambda x, e, w, gu, dn, sgu, sdn: torch.empty_like(x))
 torch.library.register_fake("mobilemoe::attention_decode", lambda q, k, v, n, ks=None, vs=None: torch.empty_like(q))
+torch.library.register_fake("mobilemoe::w8_linear", lambda x, w, s: x.new_empty(x.shape[0], w.shape[0]))
 
 
 # --- the yardstick --------------------------------------------------------------------------------------

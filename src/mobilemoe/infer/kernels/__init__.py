@@ -99,7 +99,8 @@ def q8q4_library(variant: str | None = None) -> ctypes.CDLL:
     lib.kv_quantize.argtypes = [p, i, i, p, p]
     lib.f16_from_f32.argtypes = lib.f32_from_f16.argtypes = [p, p, i]
     lib.decode_step.argtypes = [p, i, i, p, p]
+    lib.w8_linear.argtypes = [p, i, i, i, p, p, p]
     for fn in (lib.q8_quantize, lib.q4_linear, lib.q4_ffn, lib.q4_moe, lib.attention_decode, lib.decode_step,
-               lib.f16_from_f32, lib.f32_from_f16, lib.kv_quantize):
+               lib.f16_from_f32, lib.f32_from_f16, lib.kv_quantize, lib.w8_linear):
         fn.restype = None
     return lib

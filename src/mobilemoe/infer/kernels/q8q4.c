@@ -16,6 +16,8 @@
  * where a = the int8 activation and (s_a, zp) its token's scale and zero point. The integer sums are exact;
  * only the per-group scaling is floating point.
  *
+ * The 8-bit embedding/head is not INT4: `w8_linear` is its weight-only int8 product (float activations).
+ *
  * One source, compiled once per instruction set (the Python side picks the variant from the CPU's flags).
  * Threads (OpenMP, torch's runtime) split weight rows; every entry point is one call per layer block.
  */
@@ -503,6 +505,108 @@ void q4_moe(const float *x, int T, int D, const int64_t *experts, const float *w
     swiglu_experts(&a, D, I, E, start, token, coef, gu_w, gu_s, gu_c, dn_w, dn_s, dn_c, y, 1);
     free(start); free(token); free(fill); free(coef);
     acts_free(&a);
+}
+
+/* ---- weight-only int8 rows: the 8-bit embedding/head (`Int4Scheme(embedding_bits=8)`) ------------------
+ * y[m][n] = scale[n] * sum_k x[m][k] * w[n][k]: x fp32 [M][K], w int8 [N][K] (the checkpoint's rows as they
+ * are), scale fp32 [N]. x is not quantized (QAT trains the 8-bit head against float inputs). Each int8 weight
+ * is converted to fp32 in registers and FMA'd; the sum of each (m, n) runs in the same lanes and order for
+ * every M and every tile, so a row's logits do not depend on how many positions are computed with it.
+ * Written by hand: aten's `_weight_int8pack_mm` read SmolLM2's 49,152 x 576 table at ~3 GB/s here. */
+#if defined(USE_AVX512)
+enum { W8_LANES = 16 };
+typedef __m512 W8Vec;
+static inline W8Vec w8_zero(void) { return _mm512_setzero_ps(); }
+static inline W8Vec w8_x(const float *p) { return _mm512_loadu_ps(p); }
+static inline W8Vec w8_w(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline W8Vec w8_fma(W8Vec a, W8Vec b, W8Vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float w8_sum(W8Vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(USE_AVX2)
+enum { W8_LANES = 8 };
+typedef __m256 W8Vec;
+static inline W8Vec w8_zero(void) { return _mm256_setzero_ps(); }
+static inline W8Vec w8_x(const float *p) { return _mm256_loadu_ps(p); }
+static inline W8Vec w8_w(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline W8Vec w8_fma(W8Vec a, W8Vec b, W8Vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float w8_sum(W8Vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#elif defined(USE_NEON)
+enum { W8_LANES = 4 };
+typedef float32x4_t W8Vec;
+static inline W8Vec w8_zero(void) { return vdupq_n_f32(0.0f); }
+static inline W8Vec w8_x(const float *p) { return vld1q_f32(p); }
+static inline W8Vec w8_w(const int8_t *p) {
+    const int8x8_t b = vreinterpret_s8_s32(vdup_n_s32(load_i32(p)));  /* 4 weights, twice */
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(b))));
+}
+static inline W8Vec w8_fma(W8Vec a, W8Vec b, W8Vec c) { return vfmaq_f32(c, a, b); }
+static inline float w8_sum(W8Vec v) { return vaddvq_f32(v); }
+#else
+enum { W8_LANES = 8 };
+typedef struct { float v[W8_LANES]; } W8Vec;
+static inline W8Vec w8_zero(void) { W8Vec r = {{0}}; return r; }
+static inline W8Vec w8_x(const float *p) { W8Vec r; memcpy(r.v, p, sizeof(r.v)); return r; }
+static inline W8Vec w8_w(const int8_t *p) { W8Vec r; for (int i = 0; i < W8_LANES; i++) r.v[i] = (float)p[i]; return r; }
+static inline W8Vec w8_fma(W8Vec a, W8Vec b, W8Vec c) {
+    for (int i = 0; i < W8_LANES; i++) c.v[i] += a.v[i] * b.v[i];
+    return c;
+}
+static inline float w8_sum(W8Vec v) {
+    return ((v.v[0] + v.v[4]) + (v.v[2] + v.v[6])) + ((v.v[1] + v.v[5]) + (v.v[3] + v.v[7]));
+}
+#endif
+
+/* TM tokens (x rows K apart) x TR weight rows (K apart): y[i * N + j], one accumulator per pair; each x vector
+ * serves TR rows and each converted weight vector TM tokens. TM, TR are constants where it is inlined. */
+static inline __attribute__((always_inline)) void w8_tile(const float *x, const int8_t *w, const float *scale, int K,
+                                                          int N, float *y, const int TM, const int TR) {
+    W8Vec acc[4][8];
+    for (int i = 0; i < TM; i++)
+        for (int j = 0; j < TR; j++) acc[i][j] = w8_zero();
+    int k = 0;
+    for (; k + W8_LANES <= K; k += W8_LANES) {
+        W8Vec xv[4];
+        for (int i = 0; i < TM; i++) xv[i] = w8_x(x + (size_t)i * K + k);
+        for (int j = 0; j < TR; j++) {
+            const W8Vec wv = w8_w(w + (size_t)j * K + k);
+            for (int i = 0; i < TM; i++) acc[i][j] = w8_fma(xv[i], wv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < TM; i++)
+        for (int j = 0; j < TR; j++) {
+            float s = w8_sum(acc[i][j]);
+            for (int kk = k; kk < K; kk++) s += x[(size_t)i * K + kk] * (float)w[(size_t)j * K + kk];
+            y[(size_t)i * N + j] = s * scale[j];
+        }
+}
+
+#define W8_BLOCK 64  /* weight rows per work item: 36 KB at K = 576, re-read from cache for every 4 tokens */
+
+void w8_linear(const float *x, int M, int K, int N, const int8_t *w, const float *scale, float *y) {
+#pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += W8_BLOCK) {
+        const int n1 = n0 + W8_BLOCK < N ? n0 + W8_BLOCK : N;
+        int m = 0;
+        for (; m + 4 <= M; m += 4) {  /* 4 tokens x 4 rows */
+            const float *xm = x + (size_t)m * K;
+            int n = n0;
+            for (; n + 4 <= n1; n += 4) w8_tile(xm, w + (size_t)n * K, scale + n, K, N, y + (size_t)m * N + n, 4, 4);
+            for (; n < n1; n++) w8_tile(xm, w + (size_t)n * K, scale + n, K, N, y + (size_t)m * N + n, 4, 1);
+        }
+        for (; m < M; m++) {  /* a token alone (decode): 1 x 8 rows */
+            const float *xm = x + (size_t)m * K;
+            int n = n0;
+            for (; n + 8 <= n1; n += 8) w8_tile(xm, w + (size_t)n * K, scale + n, K, N, y + (size_t)m * N + n, 1, 8);
+            for (; n < n1; n++) w8_tile(xm, w + (size_t)n * K, scale + n, K, N, y + (size_t)m * N + n, 1, 1);
+        }
+    }
 }
 
 /* a dot product in 16 partial sums added up as a tree, so the compiler vectorizes it (a plain float sum
