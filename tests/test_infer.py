@@ -119,6 +119,21 @@ def test_int4_kv_cache_decode_equals_full_forward(cache_dtype):
     assert (cached.argmax(-1) == full.argmax(-1)).float().mean() >= (1 if cache_dtype != torch.int8 else 0.95)
 
 
+def test_int8_kv_cache_keeps_each_rows_scales_when_rows_leave_the_batch():
+    """Batched generation drops finished rows from the cache (eval's `greedy_until`): an int8 cache's scales go
+    with their rows."""
+    from mobilemoe.infer.engine import Int8KVCache
+
+    torch.manual_seed(0)
+    cache = Int8KVCache(3, 2, 5, 8)
+    k, v = torch.randn(3, 2, 4, 8) * torch.tensor([1.0, 10.0, 100.0])[:, None, None, None], torch.randn(3, 2, 4, 8)
+    cache.update(torch.arange(4), k, v)
+    before = cache.dequantized(4)
+    cache.keep_rows(torch.tensor([0, 2]))
+    for kept, full in zip(cache.dequantized(4), before, strict=True):
+        assert torch.equal(kept, full[[0, 2]])
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.int8])
 def test_kv_cache_decodes_what_the_fp32_cache_decodes(cache_dtype):
     """The engine's fp16 (default) and int8 KV caches vs an fp32 one, on the C decode step: the same prompt

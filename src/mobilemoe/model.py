@@ -63,6 +63,10 @@ class KVCache(nn.Module):
         self.v[:, :, input_pos] = v.to(self.v.dtype)
         return self.k, self.v
 
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only these batch rows (the others' sequences have finished)."""
+        self.k, self.v = self.k[rows], self.v[rows]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):

@@ -207,8 +207,8 @@ class Scorer:
                 return generated
             if len(kept) < len(live):
                 keep = torch.tensor(kept, device=self.device)
-                for cache in (block.attn.kv_cache for block in self.model.layers):
-                    cache.k, cache.v = cache.k[keep], cache.v[keep]
+                for block in self.model.layers:
+                    block.attn.kv_cache.keep_rows(keep)
                 positions, mask = positions[keep], mask[keep]
                 live = [live[at] for at in kept]
             logits = self.model(torch.tensor([[generated[row][-1]] for row in live], device=self.device),

@@ -79,6 +79,10 @@ class Int8KVCache(KVCache):
         self.v[:, :, input_pos], self.v_scale[:, :, input_pos] = quantize_kv(v)
         return self.k, self.v
 
+    def keep_rows(self, rows: Tensor) -> None:
+        super().keep_rows(rows)
+        self.k_scale, self.v_scale = self.k_scale[rows], self.v_scale[rows]
+
     def dequantized(self, end: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions 0 .. end-1 as fp32."""
         return (self.k[:, :, :end].float() * self.k_scale[:, :, :end, None],
