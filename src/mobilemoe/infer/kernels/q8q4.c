@@ -366,8 +366,10 @@ static Mat mat_at(const uint8_t *w, const uint16_t *s, const float *corr, int N,
 static void product_tile(const Mat *m, int nb, const Acts *a, const int *rows, int n, float *const *dst,
                          const float *coef, int accumulate) {
     const int G = m->K / GROUP;
-    const int8_t *qa[TILE];
-    const int32_t *gs[TILE];
+    /* every caller fills rows 0 .. n-1, n >= 1; zeroed anyway, as gcc -Wall cannot see that through block_tile
+     * ("may be used uninitialized" in the portable build) */
+    const int8_t *qa[TILE] = {0};
+    const int32_t *gs[TILE] = {0};
     float out[TILE * ROWS];
     for (int i = 0; i < n; i++) {
         qa[i] = a->q + (size_t)rows[i] * m->K;
