@@ -62,7 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"ExecuTorch .pte, fused MoE op": True, "ExecuTorch .pte, gather + einsum experts": False}
         if not cfg.is_moe:
-            variants = {"ExecuTorch .pte (dense: XNNPACK 8da4w linears)": False}
+            head = " + 8da8w head" if scheme.embedding_bits == 8 else ""
+            variants = {f"ExecuTorch .pte (dense: XNNPACK 8da4w linears{head})": False}
         runners = {}
         for name, fused in variants.items():
             console.print(f"{args.model}: {name} ...")
@@ -75,8 +76,7 @@ def main() -> None:
             results["kernels"][name] = {"portable/custom operators": sorted(set(operators)),
                                         "delegate calls": len(delegates), "delegates": sorted(set(delegates))}
             runners[name] = PteRunner(path)
-        save_model(Path(tmp) / "int4", loaded.model, loaded.tokenizer, int4=True,
-                   scheme=scheme)
+        save_model(Path(tmp) / "int4", loaded.model, loaded.tokenizer, int4=True, scheme=scheme)
         results["int4_checkpoint_bytes"] = sum(f.stat().st_size for f in (Path(tmp) / "int4").iterdir())
         del loaded
         engine, _ = load_int4_model(Path(tmp) / "int4")
