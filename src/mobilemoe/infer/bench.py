@@ -311,7 +311,7 @@ def plot(results: list[ModelBench], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), layout="constrained")
     width = 0.8 / len(results)
     for i, r in enumerate(results):
         for ax, values in zip(axes, (r.prefill_tok_s, r.decode_tok_s), strict=True):
@@ -321,7 +321,7 @@ def plot(results: list[ModelBench], path: Path) -> None:
                           [f"{t} thr, {n}" for t, n in values])
     axes[0].set(title="prefill", xlabel="threads, prompt tokens", ylabel="tokens/s")
     axes[1].set(title="decode", xlabel="threads, context tokens", ylabel="tokens/s")
-    axes[0].legend()
-    fig.tight_layout()
+    # below both plots, not over the bars
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(len(results), 3))
     fig.savefig(path, dpi=120)
     plt.close(fig)
