@@ -392,7 +392,7 @@ HUGE_PAGE = 2 << 20
 def in_huge_pages(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """The tensors copied into one anonymous mapping advised as transparent huge pages (Linux `madvise`; where
     there is none, a plain copy). Decode streams every weight once per token: in 4 KB pages the TLB misses at
-    every page and the CPU's prefetchers stop at every page boundary; in 2 MB pages decode ran 7-11% faster
+    every page and the CPU's prefetchers stop at every page boundary; in 2 MB pages decode ran 0-12% faster
     here (BENCHMARKS.md, "Huge pages"). The price is a copy at load instead of a mapping of the file."""
     sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors.values()]  # 64-byte aligned each
     arena = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
