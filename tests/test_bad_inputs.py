@@ -264,6 +264,16 @@ def test_export_flag_that_would_be_ignored_is_refused(refused, world, tmp_path, 
     refused("export", target, world["ckpt"], tmp_path / out, *flags, patterns=[pattern])
 
 
+@pytest.mark.parametrize("verb", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("flags, pattern", [
+    (["--kv-cache", "int8"], r"--kv-cache int8 sets the INT4 engine's KV cache: add --int4"),
+    (["--huge-pages"], r"--huge-pages places the INT4 engine's weights: add --int4"),
+], ids=["kv-cache", "huge-pages"])
+def test_engine_flag_on_a_float_model_is_refused(refused, world, verb, flags, pattern):
+    """Flags of the INT4 engine without --int4 would be ignored by the float model: refused instead."""
+    refused(verb, world["ckpt"], *(["--prompt", "the whale"] if verb != "serve" else []), *flags, patterns=[pattern])
+
+
 # --- checkpoints and files that are missing, truncated or foreign ----------------------------------------------
 def broken_checkpoint(world, tmp_path, change) -> Path:
     ckpt = tmp_path / "ckpt"

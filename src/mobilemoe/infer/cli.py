@@ -26,13 +26,16 @@ def _load(args: argparse.Namespace):
 
     from mobilemoe.checkpoint import INT4_FORMAT, load_model, model_tensors, read_metadata
     from mobilemoe.errors import MobileMoEError
-    from mobilemoe.infer.engine import KV_CACHE_DTYPES, build_int4_model, load_int4_model
+    from mobilemoe.infer.engine import KV_CACHE_DTYPE, KV_CACHE_DTYPES, build_int4_model, load_int4_model
     from mobilemoe.ui import console
 
     path = Path(args.checkpoint)
     if args.huge_pages and not args.int4:
         raise MobileMoEError("--huge-pages places the INT4 engine's weights: add --int4 (a float model keeps torch's "
                              "own memory)")
+    if args.kv_cache and not args.int4:
+        raise MobileMoEError(f"--kv-cache {args.kv_cache} sets the INT4 engine's KV cache: add --int4 (a float model "
+                             "keeps an fp32 cache)")
     float_weights = (path / "model.safetensors").is_file() and read_metadata(path / "model.safetensors").get(
         "quantization") != INT4_FORMAT
     if args.int4 and float_weights:
@@ -48,7 +51,7 @@ def _load(args: argparse.Namespace):
     else:
         loaded = load_model(path)
         model, tokenizer = loaded.model, loaded.tokenizer
-    dtype = KV_CACHE_DTYPES[args.kv_cache] if args.int4 else torch.float32
+    dtype = KV_CACHE_DTYPES[args.kv_cache] if args.kv_cache else KV_CACHE_DTYPE if args.int4 else torch.float32
     if tokenizer is None:
         raise MobileMoEError(f"{args.checkpoint} has no tokenizer.json; copy the tokenizer of the data it was "
                              "trained on into the directory")
@@ -131,9 +134,9 @@ def _kv_caches(text: str) -> list[str]:
 def _add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
     from mobilemoe.infer.engine import KV_CACHE_DTYPES  # ~20 ms: torch is loaded already
 
-    p.add_argument("--kv-cache", choices=list(KV_CACHE_DTYPES), default="fp16",
-                   help="the INT4 engine's KV cache: fp16 (half fp32's bytes; default), int8 (one scale per head "
-                        "and position: about half fp16's bytes, for long contexts) or fp32")
+    p.add_argument("--kv-cache", choices=list(KV_CACHE_DTYPES), default=None,
+                   help="the INT4 engine's KV cache (with --int4): fp16 (half fp32's bytes; default), int8 (one "
+                        "scale per head and position: about half fp16's bytes, for long contexts) or fp32")
 
 
 def _add_huge_pages_argument(p: argparse.ArgumentParser) -> None:
