@@ -274,6 +274,10 @@ def test_engine_flag_on_a_float_model_is_refused(refused, world, verb, flags, pa
     refused(verb, world["ckpt"], *(["--prompt", "the whale"] if verb != "serve" else []), *flags, patterns=[pattern])
 
 
+def test_bench_refuses_a_kv_cache_named_twice(refused):
+    refused("bench", "--kv-cache", "fp16,int8,fp16", patterns=[r"--kv-cache: fp16 is named twice"])
+
+
 # --- checkpoints and files that are missing, truncated or foreign ----------------------------------------------
 def broken_checkpoint(world, tmp_path, change) -> Path:
     ckpt = tmp_path / "ckpt"

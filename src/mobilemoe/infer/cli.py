@@ -128,6 +128,8 @@ def _kv_caches(text: str) -> list[str]:
     if not names or any(n not in KV_CACHE_DTYPES for n in names):
         raise argparse.ArgumentTypeError(f"must be comma-separated KV caches of {', '.join(KV_CACHE_DTYPES)}; "
                                          f"got {text!r}")
+    if repeated := next((n for n in names if names.count(n) > 1), None):  # two engines would share one label
+        raise argparse.ArgumentTypeError(f"{repeated} is named twice in {text!r}")
     return names
 
 
@@ -187,7 +189,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="INT4 prefill/decode speed and memory of presets, side by side")
     p.add_argument("--preset", default="mobilemoe-s", help="preset (random INT4 weights) or INT4 checkpoint "
-                   "directory; NAME=DIR names it in the tables and plot (default: the checkpoint's recorded name)")
+                   "directory; NAME=WHAT names it in the tables and plot (default: a checkpoint's recorded name, "
+                   "a preset's own)")
     p.add_argument("--vs", nargs="*", default=["mobilellm-pro"], help="presets or INT4 checkpoint directories to "
                    "compare against (last = base), NAME= as for --preset")
     p.add_argument("--prompt-lens", type=positive_ints, default="256,1024",
@@ -197,8 +200,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_ints, default="2", help="comma-separated thread counts (e.g. 1,2)")
     p.add_argument("--rounds", type=positive_int, default=3, help="rounds per measurement (the median is shown)")
     p.add_argument("--kv-cache", type=_kv_caches, default="fp16",
-                   help="comma-separated KV caches (fp16, int8, fp32): each model runs with each, interleaved, "
-                        "e.g. fp16,int8")
+                   help="comma-separated KV caches (fp16, int8, fp32; default fp16): each model runs with each, "
+                        "interleaved, e.g. fp16,int8; ratios compare models with the same cache")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="time the eager decode step instead of the torch.compile'd one")
     _add_huge_pages_argument(p)
