@@ -38,7 +38,7 @@ from mobilemoe.checkpoint import LoadedModel, load_model, save_model
 from mobilemoe.config import resolve_model_config
 from mobilemoe.data.documents import read_embedded
 from mobilemoe.export.gguf import export_gguf
-from mobilemoe.infer.bench import Bandwidth, active_int4_bytes, interleaved, median, real_text_ids
+from mobilemoe.infer.bench import Bandwidth, Yardstick, active_int4_bytes, interleaved, real_text_ids
 from mobilemoe.infer.engine import load_int4_model
 from mobilemoe.infer.generate import last_position
 from mobilemoe.model import Transformer
@@ -150,16 +150,11 @@ def run(engines: dict[str, Transformer], llm, ids: list[int], context: int, args
             position[LLAMA] += 1
 
     decoders = {name: lambda name=name: engine_decode(name) for name in engines} | {LLAMA: llama_decode}
-    copy, read = [], []
-
-    def measure_bandwidth() -> None:  # the yardstick takes a turn in every decode round
-        copy.append(bandwidth.copy())
-        read.append(bandwidth.read())
-
-    seconds = interleaved(list(decoders.values()), lambda fn: fn(), args.rounds, measure_bandwidth)
+    yardstick = Yardstick(bandwidth)  # takes a turn in every decode round
+    seconds = interleaved(list(decoders.values()), lambda fn: fn(), args.rounds, yardstick)
     return {"prefill_tok_s": prefill_tok_s,
             "decode_tok_s": {name: args.steps / t for name, t in zip(decoders, seconds, strict=True)},
-            "yardstick": {"copy": median(copy), "read": median(read)}}
+            "yardstick": yardstick.medians()}
 
 
 def _context_size(args: argparse.Namespace) -> int:

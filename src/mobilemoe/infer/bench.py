@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,7 +83,24 @@ class Bandwidth:
         return self.n_bytes / min(timed(self.src.sum) for _ in range(repeats))
 
 
-def timed(fn) -> float:
+@dataclass
+class Yardstick:
+    """The copy and read bandwidth of one measurement: called as `interleaved`'s `after_round`, it takes one more
+    turn in every round; bandwidth use divides by its `medians()`."""
+
+    bandwidth: Bandwidth
+    copies: list[float] = field(default_factory=list)  # bytes/s, one per round
+    reads: list[float] = field(default_factory=list)
+
+    def __call__(self) -> None:
+        self.copies.append(self.bandwidth.copy())
+        self.reads.append(self.bandwidth.read())
+
+    def medians(self) -> dict[str, float]:
+        return {"copy": median(self.copies), "read": median(self.reads)}
+
+
+def timed(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
@@ -185,18 +203,14 @@ def _decode_at(models: list[Transformer], results: list[ModelBench], ids: dict[i
             steps[id(model)](torch.tensor([[ids[id(model)][pos]]]), input_pos=torch.tensor([pos]))
             position[id(model)] = pos + 1
 
-    copy, read = [], []
-
-    def measure_bandwidth() -> None:
-        copy.append(bandwidth.copy())
-        read.append(bandwidth.read())
-
-    for r, seconds in zip(results, interleaved(models, decode_block, rounds, measure_bandwidth), strict=True):
+    yardstick = Yardstick(bandwidth)
+    for r, seconds in zip(results, interleaved(models, decode_block, rounds, yardstick), strict=True):
         r.decode_tok_s[key] = decode_steps / seconds
-        r.yardstick[key] = {"copy": median(copy), "read": median(read)}
+        r.yardstick[key] = yardstick.medians()
 
 
-def interleaved(items: list, work, rounds: int, after_round=None) -> list[float]:
+def interleaved(items: list, work: Callable[[object], object], rounds: int,
+                after_round: Callable[[], None] | None = None) -> list[float]:
     """Median seconds of `work(item)` per item, the items taking turns in each round, so load on a shared
     machine hits them alike; `after_round()`, if given, takes one more turn at the end of each round."""
     times: list[list[float]] = [[] for _ in items]
