@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from mobilemoe.config import get_preset
-from mobilemoe.infer.bench import Bandwidth, active_int4_bytes, interleaved, median, real_text_ids
+from mobilemoe.infer.bench import Bandwidth, active_int4_bytes, interleaved, kv_cache_bytes, median, real_text_ids
 from mobilemoe.infer.engine import build_int4_model, load_int4_model, random_int4_tensors
+from mobilemoe.model import Transformer
 from mobilemoe.ui import console
 
 
@@ -50,7 +51,7 @@ def main() -> None:
             load_text = "(random weights)"
         cfg = mapped.cfg
         ids = real_text_ids(args.context + args.rounds * args.steps + 1, cfg.vocab_size)
-        read_per_token = active_int4_bytes(cfg) + cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * args.context * 2
+        read_per_token = active_int4_bytes(cfg) + kv_cache_bytes(cfg, args.context)  # the engine's fp16 KV cache
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)
             small, big, copy = decode_side_by_side(mapped, huge, ids, args, bandwidth)
@@ -61,7 +62,7 @@ def main() -> None:
 
 
 @torch.inference_mode()
-def decode_side_by_side(mapped, huge, ids: list[int], args: argparse.Namespace,
+def decode_side_by_side(mapped: Transformer, huge: Transformer, ids: list[int], args: argparse.Namespace,
                         bandwidth: Bandwidth) -> tuple[float, float, float]:
     """Decode tok/s of each copy at `args.context`, taking turns, and the copy bandwidth between the rounds."""
     position = {}
@@ -70,7 +71,7 @@ def decode_side_by_side(mapped, huge, ids: list[int], args: argparse.Namespace,
         model(torch.tensor([ids[:args.context]]), input_pos=torch.arange(args.context))
         position[id(model)] = args.context
 
-    def decode(model) -> None:
+    def decode(model: Transformer) -> None:
         for _ in range(args.steps):
             pos = position[id(model)]
             model(torch.tensor([[ids[pos]]]), input_pos=torch.tensor([pos]))

@@ -22,7 +22,9 @@ from mobilemoe.data.documents import read_embedded
 from mobilemoe.infer.bench import interleaved, real_text_ids
 from mobilemoe.infer.engine import Int8Head, build_int4_model
 from mobilemoe.infer.generate import generate_tokens
+from mobilemoe.model import Transformer
 from mobilemoe.quantize import Int4Scheme
+from mobilemoe.tokenizer import Tokenizer
 
 
 class AtenInt8Head(nn.Module):
@@ -64,7 +66,8 @@ def main() -> None:
             model(torch.tensor([ids[:args.context]]), input_pos=torch.arange(args.context))
         runs = [(e4, None), (e8, aten), (e8, ours)]
 
-        def decode(run) -> None:  # every round re-decodes the same positions (the KV cache slots are rewritten)
+        # every round re-decodes the same positions (the KV cache slots are rewritten)
+        def decode(run: tuple[Transformer, nn.Module | None]) -> None:
             model, head = run
             if head is not None:
                 model.lm_head = head
@@ -86,7 +89,7 @@ def main() -> None:
         e8.lm_head = ours
 
 
-def agreement(engine, heads: dict[str, nn.Module], tokenizer, n_tokens: int) -> None:
+def agreement(engine: Transformer, heads: dict[str, nn.Module], tokenizer: Tokenizer, n_tokens: int) -> None:
     """Greedy tokens of `engine` with each head: free-running, then teacher-forced on the first head's tokens."""
     text = "".join(d for d, _ in zip(read_embedded("moby-dick"), range(50), strict=False) if isinstance(d, str))
     prompt = tokenizer.encode(text)[:512]
