@@ -8,7 +8,8 @@ are fp32; the KV cache is fp16 by default (as llama.cpp's: half the bytes that l
 converted to fp32 on read), int8 or fp32 on request (`setup_cache(..., torch.int8)`; `Int8KVCache`: a quarter
 of fp32's bytes plus one scale per row). Prefill writes the same keys and values as decode would (int8:
 bitwise the same quantization) and attends to them as stored, so a prompt's logits are what decoding it
-token by token would give.
+token by token would give (int8: but for the query, which decode rounds to int8 for an integer q . k and
+prefill keeps in float).
 
 A one-token decode step is one C call (`decode_step` in kernels/q8q4.c): embedding, every layer (norms,
 q/k/v, QK-norm, RoPE, the KV cache write, attention over the filled cache only, o, the router's top-k with
@@ -66,8 +67,9 @@ def quantize_kv(x: Tensor) -> tuple[Tensor, Tensor]:
 
 class Int8KVCache(KVCache):
     """A KV cache of int8 keys and values with one fp32 scale per (position, kv head) row (`quantize_kv`), as
-    llama.cpp's q8_0 cache but one scale per head_dim values instead of per 32 (measured as accurate:
-    docs/inference.md). Long-context decode reads 53% of an fp16 cache's bytes at head_dim 64."""
+    llama.cpp's q8_0 cache but one scale per head_dim values instead of per 32 (a little less accurate per row;
+    end to end both are inside the 8da4w noise, docs/inference.md). Long-context decode reads 53% of an
+    fp16 cache's bytes at head_dim 64."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int):
         super().__init__(batch, n_kv_heads, max_len, head_dim, torch.int8)

@@ -777,7 +777,8 @@ static inline void scores_i8(const int8_t *qq, float c, const int8_t *k, const f
 /* n query heads (q [n][hd]) that share one kv head, over its positions 0..len-1: keys and values are read
  * (and converted, from an fp16 or int8 cache) once per chunk of positions for all n heads; each head's output
  * accumulates in local arrays, which stay in registers when hd is a constant (attend_heads dispatches
- * hd = 64). p: [n][len] scratch; out: [n][hd]. The same floating-point steps for every cache type. */
+ * hd = 64). p: [n][len] scratch; out: [n][hd]. The same floating-point steps for every cache type, but an int8
+ * cache's scores: integer dot products with the quantized queries (`scores_i8`). */
 static inline __attribute__((always_inline)) void attend_heads_n(const float *q, int n, const KVHead kv,
                                                                  int type, const int hd, int len, float scale,
                                                                  float *p, float *out) {
