@@ -35,7 +35,7 @@ from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.infer.kernels import q8q4_library
 from mobilemoe.infer.q4 import (
-    KV_TYPES,
+    KV_TYPE_CODES,
     Q4Weight,
     attention_decode,
     pack_q4,
@@ -161,7 +161,7 @@ class Int4Attention(Attention):
             return super().attend(q, k, v, mask, input_pos)
         k_all, v_all = cache.update(input_pos, k, v)
         int8 = isinstance(cache, Int8KVCache)
-        if q.shape[0] == 1 and q.shape[2] == 1 and k_all.dtype in KV_TYPES:
+        if q.shape[0] == 1 and q.shape[2] == 1 and k_all.dtype in KV_TYPE_CODES:
             return attention_decode(q, k_all, v_all, input_pos[-1] + 1, *((cache.k_scale, cache.v_scale) if int8
                                                                           else ()))
         end = int(input_pos[-1]) + 1  # prefill (eager): attend to the filled part only
@@ -277,7 +277,7 @@ class Int4Transformer(Transformer):
         if self._program is not None and self._program[0] is cache:
             return self._program[1]
         cfg = self.cfg
-        if (cache is None or cache.k.dtype not in KV_TYPES or cache.k.shape[0] != 1 or cfg.d_model % 16
+        if (cache is None or cache.k.dtype not in KV_TYPE_CODES or cache.k.shape[0] != 1 or cfg.d_model % 16
                 or cfg.n_routed_experts > 1024 or cfg.head_dim > 256):
             return None
         layers = (_DecodeLayer * cfg.n_layers)()
@@ -297,7 +297,7 @@ class Int4Transformer(Transformer):
         program = _DecodeModel(
             cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.k.shape[2],
             cfg.n_routed_experts if cfg.is_moe else 0, cfg.top_k if cfg.is_moe else 0, int(cfg.qk_norm),
-            int(cfg.router == "sigmoid"), int(cfg.norm_topk_prob), KV_TYPES[cache.k.dtype],
+            int(cfg.router == "sigmoid"), int(cfg.norm_topk_prob), KV_TYPE_CODES[cache.k.dtype],
             cfg.norm_eps, cfg.routed_scaling_factor,
             self.inv_freq.data_ptr(),
             _mat(self.embed.weight if isinstance(self.embed, Int4Embedding) else None),

@@ -167,7 +167,8 @@ def _w8_linear(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return y
 
 
-KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}  # the KV cache element types of kernels/q8q4.c
+# a KV cache's dtype -> its code in kernels/q8q4.c (KV_F32, KV_F16, KV_I8)
+KV_TYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
 
 
 def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, k_scale: Tensor | None = None,
@@ -185,7 +186,7 @@ def _attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tenso
     out = torch.empty_like(q)
     scales = (None, None) if k_scale is None else (_ptr(k_scale), _ptr(v_scale))
     q8q4_library().attention_decode(_ptr(q), _ptr(k_cache), _ptr(v_cache), *scales, h, k_cache.shape[1], hd,
-                                    k_cache.shape[2], int(length), KV_TYPES[k_cache.dtype], _ptr(out))
+                                    k_cache.shape[2], int(length), KV_TYPE_CODES[k_cache.dtype], _ptr(out))
     return out
 
 
