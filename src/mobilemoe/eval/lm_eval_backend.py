@@ -11,6 +11,7 @@ the same log-likelihoods (up to float32 rounding: lm-eval forms its own batches)
 from __future__ import annotations
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own backends first: get_model skips that if ours is alone)
+from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
@@ -46,13 +47,13 @@ class MobileMoELM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         return self.scorer.loglikelihood_tokens([(context, continuation) for _, context, continuation in requests])
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         out = []
         for (text,) in (r.args for r in requests):
             out.append(sum(ll for ll, _ in self.scorer.loglikelihood_tokens(self.scorer.rolling_windows(text))))
         return out
 
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         out = [""] * len(requests)
         batches: dict[tuple[tuple[str, ...], int], list[int]] = {}  # requests with the same stops decode together
         for i, (_, gen_kwargs) in enumerate(r.args for r in requests):
