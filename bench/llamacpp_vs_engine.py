@@ -132,7 +132,7 @@ def run(engines: dict[str, Transformer], llm, ids: list[int], context: int, args
 
     prefill = {name: lambda n, name=name: engine_prefill(name, n) for name in engines} | {LLAMA: llama_prefill}
     for fn in prefill.values():
-        fn(32)  # warm-up
+        fn(min(32, context))  # warm-up (the caches hold the context and the decode rounds' tokens only)
     seconds = interleaved(list(prefill.values()), lambda fn: fn(context), args.rounds)
     prefill_tok_s = {name: context / t for name, t in zip(prefill, seconds, strict=True)}
 
