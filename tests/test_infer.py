@@ -119,6 +119,25 @@ def test_int4_kv_cache_decode_equals_full_forward(cache_dtype):
     assert (cached.argmax(-1) == full.argmax(-1)).float().mean() >= (1 if cache_dtype != torch.int8 else 0.95)
 
 
+def test_c_decode_step_follows_the_cache_when_its_rows_are_replaced():
+    """`keep_rows` gives a cache new tensors: the C step must write and read those, not the freed ones."""
+    engine, _, _ = _models()
+    prompt = torch.randint(0, engine.cfg.vocab_size, (1, 6))
+    with torch.no_grad():
+        engine.setup_cache(1, 16, torch.int8)
+        engine(prompt, input_pos=torch.arange(6))
+        want = [engine(prompt[:, i:i + 1], input_pos=torch.tensor([6 + i])).logits for i in range(3)]
+        engine.setup_cache(1, 16, torch.int8)
+        engine(prompt, input_pos=torch.arange(6))
+        engine(prompt[:, :1], input_pos=torch.tensor([6]))
+        before = engine._decode_program()
+        for block in engine.layers:
+            block.attn.kv_cache.keep_rows(torch.tensor([0]))  # same contents, new tensors
+        got = [engine(prompt[:, i:i + 1], input_pos=torch.tensor([6 + i])).logits for i in (1, 2)]
+    assert engine._decode_program() is not before
+    assert all(torch.equal(g, w) for g, w in zip(got, want[1:], strict=True))
+
+
 def test_int8_kv_cache_keeps_each_rows_scales_when_rows_leave_the_batch():
     """Batched generation drops finished rows from the cache (eval's `greedy_until`): an int8 cache's scales go
     with their rows."""

@@ -241,7 +241,7 @@ class Int4Transformer(Transformer):
 
     c_decode = True
     kv_cache_dtype = KV_CACHE_DTYPE
-    _program: tuple | None = None  # (the KV cache it points into, the C struct, the layer array)
+    _program: tuple | None = None  # (layer 0's cached keys it points into, the C struct, the layer array)
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None, input_pos: Tensor | None = None,
                 logits_at: Tensor | None = None) -> ModelOutput:
@@ -270,11 +270,12 @@ class Int4Transformer(Transformer):
         return logits[:self.cfg.vocab_size].view(1, 1, -1)
 
     def _decode_program(self) -> _DecodeModel | None:
-        """The C struct of pointers to this model's weights and KV cache; rebuilt when `setup_cache` made a new
-        cache. None where the C step does not apply (no cache, or one of another dtype or batch; shapes it does
-        not take)."""
+        """The C struct of pointers to this model's weights and KV cache; rebuilt when the cache's tensors are new
+        (`setup_cache`, `keep_rows`). None where the C step does not apply (no cache, or one of another dtype or
+        batch; shapes it does not take)."""
         cache = self.layers[0].attn.kv_cache
-        if self._program is not None and self._program[0] is cache:
+        # keyed by the keys tensor, not the cache: `setup_cache` makes new caches, `keep_rows` new tensors
+        if self._program is not None and cache is not None and self._program[0] is cache.k:
             return self._program[1]
         cfg = self.cfg
         if (cache is None or cache.k.dtype not in KV_TYPE_CODES or cache.k.shape[0] != 1 or cfg.d_model % 16
@@ -303,7 +304,7 @@ class Int4Transformer(Transformer):
             _mat(self.embed.weight if isinstance(self.embed, Int4Embedding) else None),
             _mat(self.lm_head.weight if isinstance(self.lm_head, Int4Linear) else None),
             self.norm.weight.data_ptr(), layers)
-        self._program = (cache, program, layers)
+        self._program = (cache.k, program, layers)
         return program
 
 
