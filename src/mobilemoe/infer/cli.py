@@ -40,8 +40,10 @@ def _load(args: argparse.Namespace):
         "quantization") != INT4_FORMAT
     if args.int4 and float_weights:
         scheme = int4_scheme(args, path)
+        hint = ("" if (scheme.embedding_bits, scheme.rounding) == (8, "hqq") else
+                "; for a pretrained model, --embedding-bits 8 --rounding hqq loses less (docs/eval.md)")
         console.print(f"[yellow]note:[/] {path} holds float weights; quantizing them to INT4 (g32{scheme.suffix}) "
-                      "at load")
+                      f"at load{hint}")
         loaded = load_model(path)
         model = build_int4_model(loaded.model.cfg, model_tensors(loaded.model, int4=True, scheme=scheme),
                                  args.huge_pages)
