@@ -257,6 +257,17 @@ def test_huge_pages_copy_the_weights_out_of_the_file_and_compute_the_same(tmp_pa
     assert list(generate_tokens(huge, prompt, 8)) == list(generate_tokens(mapped, prompt, 8))
 
 
+def test_huge_pages_refuse_weights_larger_than_the_free_memory(monkeypatch, tmp_path):
+    from mobilemoe.infer import engine
+
+    torch.manual_seed(0)
+    save_model(tmp_path / "int4", Transformer(get_preset("micro-moe")), int4=True)
+    monkeypatch.setattr(engine, "available_memory", lambda: 1000)
+    with pytest.raises(MobileMoEError, match="need .* of memory and 1 KB is available: load without huge pages"):
+        load_int4_model(tmp_path / "int4", huge_pages=True)
+    assert load_int4_model(tmp_path / "int4")[0] is not None  # mapped: no copy, no check
+
+
 def test_sampling_is_deterministic_with_a_seed():
     model = Transformer(get_preset("micro-moe")).eval()
     prompt = [5, 17, 300, 42]

@@ -392,12 +392,28 @@ def _stored_q4(tensors: dict[str, Tensor], product: str, rows: int, pop: bool = 
 HUGE_PAGE = 2 << 20
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can get without swapping (Linux `MemAvailable`); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def in_huge_pages(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """The tensors copied into one anonymous mapping advised as transparent huge pages (Linux `madvise`; where
     there is none, a plain copy). Decode streams every weight once per token: in 4 KB pages the TLB misses at
     every page and the CPU's prefetchers stop at every page boundary; in 2 MB pages decode ran 0-12% faster
     here (BENCHMARKS.md, "Huge pages"). The price is a copy at load instead of a mapping of the file."""
     sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors.values()]  # 64-byte aligned each
+    available = available_memory()
+    if available is not None and sum(sizes) > available:
+        from mobilemoe.ui import human_bytes
+
+        raise MobileMoEError(f"weights in huge pages need {human_bytes(sum(sizes))} of memory and "
+                             f"{human_bytes(available)} is available: load without huge pages (drop --huge-pages; "
+                             "the weights are then mapped from the file and paged in as they are read)")
     arena = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         arena.madvise(mmap.MADV_HUGEPAGE)
