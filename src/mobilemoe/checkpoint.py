@@ -166,6 +166,10 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
         raise MobileMoEError(f"{directory}/model.safetensors does not match its config.json ({detail}); "
                              "the weights come from another model")
     model.load_state_dict(tensors)
-    tok_file = directory / "tokenizer.json"
-    tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
-    return LoadedModel(model.to(dtype).eval(), tokenizer, int4, directory, scheme)
+    return LoadedModel(model.to(dtype).eval(), read_tokenizer(directory), int4, directory, scheme)
+
+
+def read_tokenizer(directory: str | Path) -> Tokenizer | None:
+    """A checkpoint directory's tokenizer.json, or None where it has none."""
+    file = Path(directory) / "tokenizer.json"
+    return Tokenizer.load(file) if file.is_file() else None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mobilemoe.checkpoint import checkpoint_scheme, load_config
+from mobilemoe.checkpoint import checkpoint_scheme, load_config, read_tokenizer
 from mobilemoe.config import ModelConfig, get_preset
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.infer.engine import (
@@ -30,8 +30,8 @@ from mobilemoe.infer.engine import (
     build_int4_model,
     compile_decode,
     in_huge_pages,
-    load_int4_model,
     random_int4_tensors,
+    read_int4_checkpoint,
     stored_layout,
 )
 from mobilemoe.infer.generate import last_position
@@ -148,14 +148,14 @@ def bench_models(presets: list[str], prompt_lens: list[int], contexts: list[int]
     for name, preset in named:
         scheme = PAPER_SCHEME
         if (Path(preset) / "config.json").is_file():
-            model, tokenizers[preset] = load_int4_model(preset, huge_pages)
-            cfg, scheme = model.cfg, checkpoint_scheme(preset)
-            engines = [model] + [load_int4_model(preset, huge_pages)[0] for _ in kv_caches[1:]]
+            cfg, tensors = read_int4_checkpoint(preset)
+            scheme, tokenizers[preset] = checkpoint_scheme(preset), read_tokenizer(preset)
         else:
             cfg = get_preset(preset)
-            tensors = stored_layout(cfg, random_int4_tensors(cfg))  # in the kernels' layout: engines share it
-            tensors = in_huge_pages(tensors) if huge_pages else tensors
-            engines = [build_int4_model(cfg, tensors) for _ in kv_caches]
+            tensors = random_int4_tensors(cfg)
+        tensors = stored_layout(cfg, tensors)  # in the kernels' layout: the engines (one per KV cache) share it
+        tensors = in_huge_pages(tensors) if huge_pages else tensors
+        engines = [build_int4_model(cfg, tensors) for _ in kv_caches]
         meta = build_on_meta(cfg)
         count = count_parameters(meta)
         for model, kv_cache in zip(engines, kv_caches, strict=True):

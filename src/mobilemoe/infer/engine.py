@@ -509,8 +509,15 @@ def random_int4_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
 def load_int4_model(source: str | Path, huge_pages: bool = False) -> tuple[Transformer, object | None]:
     """An INT4 engine model from an INT4 checkpoint directory (tokenizer too, if present): its weights mapped
     from the file, or with `huge_pages` copied into transparent huge pages (see `in_huge_pages`)."""
+    from mobilemoe.checkpoint import read_tokenizer
+
+    cfg, tensors = read_int4_checkpoint(source)
+    return build_int4_model(cfg, tensors, huge_pages), read_tokenizer(source)
+
+
+def read_int4_checkpoint(source: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """(config, tensors mapped from the file) of an INT4 checkpoint directory; float weights are refused."""
     from mobilemoe.checkpoint import INT4_FORMAT, load_config, read_tensors
-    from mobilemoe.tokenizer import Tokenizer
 
     directory = Path(source)
     cfg = load_config(directory)
@@ -518,5 +525,4 @@ def load_int4_model(source: str | Path, huge_pages: bool = False) -> tuple[Trans
     if meta.get("quantization") != INT4_FORMAT:
         raise MobileMoEError(f"{directory} holds float weights, not INT4: use the QAT stage's final/ directory, "
                              "or drop --int4 to run it in float")
-    tok = directory / "tokenizer.json"
-    return build_int4_model(cfg, tensors, huge_pages), (Tokenizer.load(tok) if tok.is_file() else None)
+    return cfg, tensors
