@@ -8,7 +8,8 @@ how many tokens are equal to the fp32 cache's before the first difference. Then 
 cache's tokens: each cache's next-token argmax agreement and its logits' error (max |difference| over max
 |logit|, per step: median and max). For scale, the same two figures for two fp32-cache computations that differ only
 in summation order: the C step vs the engine's torch modules (an int8 activation that rounds the other
-way moves 8da4w logits much more than the rounding that caused it).
+way moves 8da4w logits much more than the rounding that caused it). Last, on the text itself: the perplexity of
+the text's next `--tokens` tokens after the prompt, decoded one step at a time through each cache.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
 
 from mobilemoe.checkpoint import INT4_FORMAT, load_model, model_tensors, read_tensors
 from mobilemoe.data.documents import read_embedded
@@ -44,16 +46,8 @@ def main() -> None:
     sequence = prompt + out["fp32"]
     runs = {"fp16 cache, C step": (torch.float16, True), "int8 cache, C step": (torch.int8, True),
             "fp32 cache, C step": (torch.float32, True), "fp32 cache, torch modules": (torch.float32, False)}
-    logits = {}
-    with torch.inference_mode():
-        for name, (dtype, c_decode) in runs.items():
-            engine.c_decode = c_decode
-            engine.setup_cache(1, len(sequence), dtype)
-            steps = [engine(torch.tensor([prompt]), input_pos=torch.arange(len(prompt))).logits[0, -1]]
-            for pos in range(len(prompt), len(sequence) - 1):
-                steps.append(engine(torch.tensor([[sequence[pos]]]), input_pos=torch.tensor([pos])).logits[0, -1])
-            logits[name] = torch.stack(steps).float()
-        engine.c_decode = True
+    logits = {name: teacher_forced(engine, sequence, len(prompt), dtype, c_decode)
+              for name, (dtype, c_decode) in runs.items()}
     print(f"{args.checkpoint}: prompt {len(prompt)} tokens, {args.tokens} generated")
     for name, n in same.items():
         print(f"free-running greedy, {name} vs fp32 cache: the first {n} of {args.tokens} tokens equal")
@@ -64,6 +58,26 @@ def main() -> None:
         agree = (logits[name].argmax(-1) == want.argmax(-1)).sum().item()
         print(f"  {name}: next-token argmax equal at {agree} of {len(errors)} steps; logits error median "
               f"{errors[len(errors) // 2]:.1e}, max {errors[-1]:.1e}")
+    text_ids = tokenizer.encode(text)[:args.prompt_tokens + args.tokens]
+    truth = torch.tensor(text_ids[len(prompt):])
+    perplexity = {name: F.cross_entropy(teacher_forced(engine, text_ids, len(prompt), dtype), truth).exp().item()
+                  for name, dtype in KV_CACHE_DTYPES.items()}
+    print(f"perplexity of the text's next {len(truth)} tokens, decoded step by step (C step): "
+          + ", ".join(f"{name} cache {value:.3f}" for name, value in perplexity.items()))
+
+
+@torch.inference_mode()
+def teacher_forced(engine, sequence: list[int], prompt_len: int, dtype: torch.dtype,
+                   c_decode: bool = True) -> torch.Tensor:
+    """Next-token logits [len(sequence) - prompt_len, vocab]: the prompt prefilled, then every later token of
+    `sequence` decoded one step at a time, with a `dtype` KV cache (C step, or the torch modules)."""
+    engine.c_decode = c_decode
+    engine.setup_cache(1, len(sequence), dtype)
+    steps = [engine(torch.tensor([sequence[:prompt_len]]), input_pos=torch.arange(prompt_len)).logits[0, -1]]
+    for pos in range(prompt_len, len(sequence) - 1):
+        steps.append(engine(torch.tensor([[sequence[pos]]]), input_pos=torch.tensor([pos])).logits[0, -1])
+    engine.c_decode = True
+    return torch.stack(steps).float()
 
 
 if __name__ == "__main__":
