@@ -9,7 +9,9 @@ cache's tokens: each cache's next-token argmax agreement and its logits' error (
 |logit|, per step: median and max). For scale, the same two figures for two fp32-cache computations that differ only
 in summation order: the C step vs the engine's torch modules (an int8 activation that rounds the other
 way moves 8da4w logits much more than the rounding that caused it). Last, on the text itself: the perplexity of
-the text's next `--tokens` tokens after the prompt, decoded one step at a time through each cache.
+the text's next `--tokens` tokens after the prompt, decoded one step at a time through each cache; and the
+engine before 8da4w (the same INT4 weights with bf16 activations) against this one: its greedy tokens, and its
+argmax teacher-forced on the fp32-cache engine's tokens.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from mobilemoe.checkpoint import INT4_FORMAT, load_model, model_tensors, read_tensors
+from mobilemoe.checkpoint import INT4_FORMAT, load_config, load_model, model_tensors, read_tensors, read_tokenizer
 from mobilemoe.data.documents import read_embedded
-from mobilemoe.infer.engine import KV_CACHE_DTYPES, build_int4_model, load_int4_model
+from mobilemoe.infer.engine import KV_CACHE_DTYPES, build_int4_model, int4_format
 from mobilemoe.infer.generate import generate_tokens
+from mobilemoe.model import Transformer
+from mobilemoe.quantize import dequantize
 
 
 def main() -> None:
@@ -31,11 +35,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     args = parser.parse_args()
-    if read_tensors(f"{args.checkpoint}/model.safetensors")[1].get("quantization") == INT4_FORMAT:
-        engine, tokenizer = load_int4_model(args.checkpoint)
+    stored, meta = read_tensors(f"{args.checkpoint}/model.safetensors")
+    if meta.get("quantization") == INT4_FORMAT:
+        cfg, tokenizer = load_config(args.checkpoint), read_tokenizer(args.checkpoint)
+        tensors = int4_format(cfg, stored)
     else:
         loaded = load_model(args.checkpoint)
-        engine, tokenizer = build_int4_model(loaded.model.cfg, model_tensors(loaded.model, int4=True)), loaded.tokenizer
+        cfg, tokenizer, tensors = loaded.model.cfg, loaded.tokenizer, model_tensors(loaded.model, int4=True)
+    engine = build_int4_model(cfg, dict(tensors))
     text = "".join(d for d, _ in zip(read_embedded("moby-dick"), range(50), strict=False) if isinstance(d, str))
     prompt = tokenizer.encode(text)[:args.prompt_tokens]
     out = {name: list(generate_tokens(engine, prompt, args.tokens, cache_dtype=dtype))
@@ -64,6 +71,24 @@ def main() -> None:
                   for name, dtype in KV_CACHE_DTYPES.items()}
     print(f"perplexity of the text's next {len(truth)} tokens, decoded step by step (C step): "
           + ", ".join(f"{name} cache {value:.3f}" for name, value in perplexity.items()))
+    before_8da4w(cfg, tensors, prompt, sequence, want, args.tokens)
+
+
+@torch.inference_mode()
+def before_8da4w(cfg, tensors: dict, prompt: list[int], sequence: list[int], want: torch.Tensor,
+                 n_tokens: int) -> None:
+    """The engine before 8da4w, for scale: the same INT4 weights dequantized, run with bf16 activations. Its own
+    greedy tokens vs the engine's (fp32 cache), and teacher-forced on the engine's tokens: argmax agreement."""
+    old = Transformer(cfg)
+    old.load_state_dict({k: dequantize(tensors[f"{k}.qweight"], tensors[f"{k}.scales"])
+                         if f"{k}.qweight" in tensors else tensors[k] for k in old.state_dict()})
+    old = old.to(torch.bfloat16).eval()
+    tokens = list(generate_tokens(old, prompt, n_tokens, cache_dtype=torch.bfloat16))
+    same = next((i for i, (a, b) in enumerate(zip(tokens, sequence[len(prompt):], strict=True)) if a != b), n_tokens)
+    logits = old(torch.tensor([sequence[:-1]])).logits[0, len(prompt) - 1:].float()
+    agree = (logits.argmax(-1) == want.argmax(-1)).sum().item()
+    print(f"the engine before 8da4w (bf16 activations, same INT4 weights): free-running, the first {same} of "
+          f"{n_tokens} tokens equal; teacher-forced on the engine's tokens, argmax equal at {agree} of {len(want)}")
 
 
 @torch.inference_mode()
