@@ -274,6 +274,15 @@ def test_engine_flag_on_a_float_model_is_refused(refused, world, verb, flags, pa
     refused(verb, world["ckpt"], *(["--prompt", "the whale"] if verb != "serve" else []), *flags, patterns=[pattern])
 
 
+def test_huge_pages_larger_than_the_free_memory_are_refused(refused, world, monkeypatch):
+    from mobilemoe.infer import engine
+
+    monkeypatch.setattr(engine, "available_memory", lambda: 1000)
+    refused("generate", world["ckpt"], "--prompt", "the whale", "--int4", "--huge-pages",
+            patterns=[r"weights in huge pages need .* of memory and 1 KB is available: load without huge pages "
+                      r"\(drop --huge-pages"])
+
+
 def test_bench_refuses_a_kv_cache_named_twice(refused):
     refused("bench", "--kv-cache", "fp16,int8,fp16", patterns=[r"--kv-cache: fp16 is named twice"])
 
