@@ -147,9 +147,9 @@ def test_int8_kv_cache_keeps_each_rows_scales_when_rows_leave_the_batch():
     cache = Int8KVCache(3, 2, 5, 8)
     k, v = torch.randn(3, 2, 4, 8) * torch.tensor([1.0, 10.0, 100.0])[:, None, None, None], torch.randn(3, 2, 4, 8)
     cache.update(torch.arange(4), k, v)
-    before = cache.dequantized(4)
+    before = cache.filled(4)
     cache.keep_rows(torch.tensor([0, 2]))
-    for kept, full in zip(cache.dequantized(4), before, strict=True):
+    for kept, full in zip(cache.filled(4), before, strict=True):
         assert torch.equal(kept, full[[0, 2]])
 
 

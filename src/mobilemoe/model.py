@@ -67,6 +67,10 @@ class KVCache(nn.Module):
         """Keep only these batch rows (the others' sequences have finished)."""
         self.k, self.v = self.k[rows], self.v[rows]
 
+    def filled(self, end: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions 0 .. end-1, as attention reads them."""
+        return self.k[:, :, :end], self.v[:, :, :end]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):

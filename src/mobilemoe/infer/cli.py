@@ -21,12 +21,10 @@ from mobilemoe.argtypes import (
 def _load(args: argparse.Namespace):
     """(model, tokenizer, cache dtype) from a checkpoint directory, float or INT4; `--int4` on a float checkpoint
     rounds its weights to INT4 (g32, post-training) at load, as `save_model(..., int4=True)` would. The INT4
-    engine's KV cache is `--kv-cache` (fp16 by default; int8, fp32), a float model's fp32."""
-    import torch
-
+    engine's KV cache is `--kv-cache`, else (None) the model's own: the engine's fp16, a float model's fp32."""
     from mobilemoe.checkpoint import INT4_FORMAT, load_model, model_tensors, read_metadata
     from mobilemoe.errors import MobileMoEError
-    from mobilemoe.infer.engine import KV_CACHE_DTYPE, KV_CACHE_DTYPES, build_int4_model, load_int4_model
+    from mobilemoe.infer.engine import KV_CACHE_DTYPES, build_int4_model, load_int4_model
     from mobilemoe.ui import console
 
     path = Path(args.checkpoint)
@@ -53,7 +51,7 @@ def _load(args: argparse.Namespace):
     else:
         loaded = load_model(path)
         model, tokenizer = loaded.model, loaded.tokenizer
-    dtype = KV_CACHE_DTYPES[args.kv_cache] if args.kv_cache else KV_CACHE_DTYPE if args.int4 else torch.float32
+    dtype = KV_CACHE_DTYPES[args.kv_cache] if args.kv_cache else None  # None: the model's own (engine fp16)
     if tokenizer is None:
         raise MobileMoEError(f"{args.checkpoint} has no tokenizer.json; copy the tokenizer of the data it was "
                              "trained on into the directory")

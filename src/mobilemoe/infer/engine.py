@@ -85,8 +85,8 @@ class Int8KVCache(KVCache):
         super().keep_rows(rows)
         self.k_scale, self.v_scale = self.k_scale[rows], self.v_scale[rows]
 
-    def dequantized(self, end: int) -> tuple[Tensor, Tensor]:
-        """Keys and values of positions 0 .. end-1 as fp32."""
+    def filled(self, end: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions 0 .. end-1, dequantized to fp32."""
         return (self.k[:, :, :end].float() * self.k_scale[:, :, :end, None],
                 self.v[:, :, :end].float() * self.v_scale[:, :, :end, None])
 
@@ -160,13 +160,11 @@ class Int4Attention(Attention):
         if cache is None or input_pos is None:
             return super().attend(q, k, v, mask, input_pos)
         k_all, v_all = cache.update(input_pos, k, v)
-        int8 = isinstance(cache, Int8KVCache)
         if q.shape[0] == 1 and q.shape[2] == 1 and k_all.dtype in KV_TYPE_CODES:
-            return attention_decode(q, k_all, v_all, input_pos[-1] + 1, *((cache.k_scale, cache.v_scale) if int8
-                                                                          else ()))
+            scales = (cache.k_scale, cache.v_scale) if isinstance(cache, Int8KVCache) else ()
+            return attention_decode(q, k_all, v_all, input_pos[-1] + 1, *scales)
         end = int(input_pos[-1]) + 1  # prefill (eager): attend to the filled part only
-        k_all, v_all = cache.dequantized(end) if int8 else (k_all[:, :, :end], v_all[:, :, :end])
-        k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+        k_all, v_all = (t.to(q.dtype) for t in cache.filled(end))
         if end == q.shape[2] and int(input_pos[0]) == 0:
             # a prompt from position 0: its mask is the causal one, and is_causal lets torch's flash kernel skip
             # the blocks above the diagonal (given as a mask, every block is computed and then masked)
