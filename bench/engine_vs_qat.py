@@ -22,7 +22,7 @@ from mobilemoe.checkpoint import checkpoint_scheme, load_model, model_tensors
 from mobilemoe.infer.bench import real_text_ids
 from mobilemoe.infer.engine import build_int4_model
 from mobilemoe.model import Transformer
-from mobilemoe.quantize import dequantize, prepare_qat
+from mobilemoe.quantize import dequantize_tensors, prepare_qat
 
 
 def main() -> None:
@@ -38,8 +38,7 @@ def main() -> None:
     tensors = model_tensors(loaded.model, int4=True, scheme=scheme)
     engine = build_int4_model(cfg, dict(tensors))
     bf16 = Transformer(cfg)
-    bf16.load_state_dict({k: dequantize(tensors[f"{k}.qweight"], tensors[f"{k}.scales"])
-                          if f"{k}.qweight" in tensors else tensors[k] for k in bf16.state_dict()})
+    bf16.load_state_dict(dequantize_tensors(tensors))
     bf16 = bf16.to(torch.bfloat16).eval()
     ids = real_text_ids(args.tokens * args.windows, cfg.vocab_size, loaded.tokenizer)
     print(f"{best} ({cfg.name}, scheme g32{scheme.suffix}): {args.windows} windows of {args.tokens} real-text tokens")

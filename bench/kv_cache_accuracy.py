@@ -26,7 +26,7 @@ from mobilemoe.data.documents import read_embedded
 from mobilemoe.infer.engine import KV_CACHE_DTYPES, build_int4_model, int4_format
 from mobilemoe.infer.generate import generate_tokens
 from mobilemoe.model import Transformer
-from mobilemoe.quantize import dequantize
+from mobilemoe.quantize import dequantize_tensors
 
 
 def main() -> None:
@@ -80,8 +80,7 @@ def before_8da4w(cfg, tensors: dict, prompt: list[int], sequence: list[int], wan
     """The engine before 8da4w, for scale: the same INT4 weights dequantized, run with bf16 activations. Its own
     greedy tokens vs the engine's (fp32 cache), and teacher-forced on the engine's tokens: argmax agreement."""
     old = Transformer(cfg)
-    old.load_state_dict({k: dequantize(tensors[f"{k}.qweight"], tensors[f"{k}.scales"])
-                         if f"{k}.qweight" in tensors else tensors[k] for k in old.state_dict()})
+    old.load_state_dict(dequantize_tensors(tensors))
     old = old.to(torch.bfloat16).eval()
     tokens = list(generate_tokens(old, prompt, n_tokens, cache_dtype=torch.bfloat16))
     same = next((i for i, (a, b) in enumerate(zip(tokens, sequence[len(prompt):], strict=True)) if a != b), n_tokens)

@@ -18,8 +18,8 @@ from mobilemoe.moe import run_experts
 from mobilemoe.quantize import (
     Int4Scheme,
     activation_fake_quantizer,
-    dequantize,
     dequantize_int4,
+    dequantize_tensors,
     prepare_qat,
     quantize_int4,
 )
@@ -71,8 +71,7 @@ def test_engine_computes_what_qat_trained_against(embedding_bits):
     plain.load_state_dict(plain_state(model))
     tensors = model_tensors(plain, int4=True, scheme=scheme)
     dequantized = Transformer(cfg).eval()
-    dequantized.load_state_dict({k: dequantize(tensors[f"{k}.qweight"], tensors[f"{k}.scales"])
-                                 if f"{k}.qweight" in tensors else tensors[k] for k in dequantized.state_dict()})
+    dequantized.load_state_dict(dequantize_tensors(tensors))
     engine = build_int4_model(cfg, tensors)
     tokens = torch.randint(0, cfg.vocab_size, (1, 48))
     with torch.no_grad():

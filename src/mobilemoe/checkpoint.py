@@ -26,7 +26,7 @@ from mobilemoe.config import ModelConfig
 from mobilemoe.errors import MobileMoEError
 from mobilemoe.io import atomic_dir
 from mobilemoe.model import Transformer
-from mobilemoe.quantize import PAPER_SCHEME, Int4Scheme, dequantize, is_quantized_weight, quantize_weight
+from mobilemoe.quantize import PAPER_SCHEME, Int4Scheme, dequantize_tensors, is_quantized_weight, quantize_weight
 from mobilemoe.tokenizer import Tokenizer
 
 INT4_FORMAT = "int4-g32-sym"
@@ -150,9 +150,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> Loa
     if int4:
         from mobilemoe.infer.engine import int4_format
 
-        tensors = int4_format(cfg, tensors)
-        for name in [n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")]:
-            tensors[name] = dequantize(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.scales"))
+        tensors = dequantize_tensors(int4_format(cfg, tensors))
     model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     got = {k: v.shape for k, v in tensors.items()}

@@ -138,6 +138,14 @@ def dequantize(qweight: Tensor, scales: Tensor, dtype: torch.dtype = torch.float
     return dequantize_int4(qweight, scales, dtype)
 
 
+def dequantize_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A float state dict from INT4-format checkpoint tensors: every `name.qweight` / `name.scales` pair becomes
+    `name`, the other tensors pass through."""
+    quantized = {n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")}
+    out = {n: t for n, t in tensors.items() if n.removesuffix(".qweight").removesuffix(".scales") not in quantized}
+    return out | {n: dequantize(tensors[f"{n}.qweight"], tensors[f"{n}.scales"]) for n in quantized}
+
+
 def pack_int4(q: Tensor) -> Tensor:
     u = (q + 8).to(torch.uint8)
     return u[..., 0::2] | (u[..., 1::2] << 4)
