@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from mobilemoe.checkpoint import load_model, model_tensors
-from mobilemoe.data.documents import read_embedded
-from mobilemoe.infer.bench import interleaved, real_text_ids
+from mobilemoe.infer.bench import interleaved, real_text_ids, teacher_forced
 from mobilemoe.infer.engine import Int8Head, build_int4_model
 from mobilemoe.infer.generate import generate_tokens
 from mobilemoe.model import Transformer
@@ -91,8 +90,7 @@ def main() -> None:
 
 def agreement(engine: Transformer, heads: dict[str, nn.Module], tokenizer: Tokenizer, n_tokens: int) -> None:
     """Greedy tokens of `engine` with each head: free-running, then teacher-forced on the first head's tokens."""
-    text = "".join(d for d, _ in zip(read_embedded("moby-dick"), range(50), strict=False) if isinstance(d, str))
-    prompt = tokenizer.encode(text)[:512]
+    prompt = real_text_ids(512, engine.cfg.vocab_size, tokenizer)
     first, second = heads
     out = {}
     for name, head in heads.items():
@@ -103,11 +101,7 @@ def agreement(engine: Transformer, heads: dict[str, nn.Module], tokenizer: Token
     logits = {}
     for name, head in heads.items():
         engine.lm_head = head
-        engine.setup_cache(1, len(sequence))
-        steps = [engine(torch.tensor([prompt]), input_pos=torch.arange(len(prompt))).logits[0, -1]]
-        for pos in range(len(prompt), len(sequence) - 1):
-            steps.append(engine(torch.tensor([[sequence[pos]]]), input_pos=torch.tensor([pos])).logits[0, -1])
-        logits[name] = torch.stack(steps).float()
+        logits[name] = teacher_forced(engine, sequence, len(prompt))
     errors = ((logits[second] - logits[first]).abs().amax(-1) / logits[first].abs().amax(-1)).sort().values
     agree = (logits[second].argmax(-1) == logits[first].argmax(-1)).sum().item()
     print(f"prompt {len(prompt)} tokens; free-running greedy, {second} vs {first}: the first {same} of {n_tokens} "

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mobilemoe.checkpoint import INT4_FORMAT, load_config, load_model, model_tensors, read_tensors, read_tokenizer
-from mobilemoe.data.documents import read_embedded
+from mobilemoe.infer.bench import real_text_ids, teacher_forced
 from mobilemoe.infer.engine import KV_CACHE_DTYPES, build_int4_model, int4_format
 from mobilemoe.infer.generate import generate_tokens
 from mobilemoe.model import Transformer
@@ -43,8 +43,7 @@ def main() -> None:
         loaded = load_model(args.checkpoint)
         cfg, tokenizer, tensors = loaded.model.cfg, loaded.tokenizer, model_tensors(loaded.model, int4=True)
     engine = build_int4_model(cfg, dict(tensors))
-    text = "".join(d for d, _ in zip(read_embedded("moby-dick"), range(50), strict=False) if isinstance(d, str))
-    prompt = tokenizer.encode(text)[:args.prompt_tokens]
+    prompt = real_text_ids(args.prompt_tokens, cfg.vocab_size, tokenizer)
     out = {name: list(generate_tokens(engine, prompt, args.tokens, cache_dtype=dtype))
            for name, dtype in KV_CACHE_DTYPES.items()}
     same = {name: next((i for i, (a, b) in enumerate(zip(out[name], out["fp32"], strict=True)) if a != b),
@@ -65,7 +64,7 @@ def main() -> None:
         agree = (logits[name].argmax(-1) == want.argmax(-1)).sum().item()
         print(f"  {name}: next-token argmax equal at {agree} of {len(errors)} steps; logits error median "
               f"{errors[len(errors) // 2]:.1e}, max {errors[-1]:.1e}")
-    text_ids = tokenizer.encode(text)[:args.prompt_tokens + args.tokens]
+    text_ids = real_text_ids(args.prompt_tokens + args.tokens, cfg.vocab_size, tokenizer)
     truth = torch.tensor(text_ids[len(prompt):])
     perplexity = {name: F.cross_entropy(teacher_forced(engine, text_ids, len(prompt), dtype), truth).exp().item()
                   for name, dtype in KV_CACHE_DTYPES.items()}
@@ -88,20 +87,6 @@ def before_8da4w(cfg, tensors: dict, prompt: list[int], sequence: list[int], wan
     agree = (logits.argmax(-1) == want.argmax(-1)).sum().item()
     print(f"the engine before 8da4w (bf16 activations, same INT4 weights): free-running, the first {same} of "
           f"{n_tokens} tokens equal; teacher-forced on the engine's tokens, argmax equal at {agree} of {len(want)}")
-
-
-@torch.inference_mode()
-def teacher_forced(engine, sequence: list[int], prompt_len: int, dtype: torch.dtype,
-                   c_decode: bool = True) -> torch.Tensor:
-    """Next-token logits [len(sequence) - prompt_len, vocab]: the prompt prefilled, then every later token of
-    `sequence` decoded one step at a time, with a `dtype` KV cache (C step, or the torch modules)."""
-    engine.c_decode = c_decode
-    engine.setup_cache(1, len(sequence), dtype)
-    steps = [engine(torch.tensor([sequence[:prompt_len]]), input_pos=torch.arange(prompt_len)).logits[0, -1]]
-    for pos in range(prompt_len, len(sequence) - 1):
-        steps.append(engine(torch.tensor([[sequence[pos]]]), input_pos=torch.tensor([pos])).logits[0, -1])
-    engine.c_decode = True
-    return torch.stack(steps).float()
 
 
 if __name__ == "__main__":

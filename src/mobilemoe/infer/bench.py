@@ -114,6 +114,21 @@ def real_text_ids(n: int, vocab: int, tokenizer=None) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
+@torch.inference_mode()
+def teacher_forced(engine: Transformer, sequence: list[int], prompt_len: int, dtype: torch.dtype | None = None,
+                   c_decode: bool = True) -> torch.Tensor:
+    """Next-token logits [len(sequence) - prompt_len, vocab]: the prompt prefilled, then every later token of
+    `sequence` decoded one step at a time, with a `dtype` KV cache (None: the model's own; the C step, or with
+    `c_decode` False the torch modules). For accuracy benches that compare engines on the same tokens."""
+    engine.c_decode = c_decode
+    engine.setup_cache(1, len(sequence), dtype)
+    steps = [engine(torch.tensor([sequence[:prompt_len]]), input_pos=torch.arange(prompt_len)).logits[0, -1]]
+    for pos in range(prompt_len, len(sequence) - 1):
+        steps.append(engine(torch.tensor([[sequence[pos]]]), input_pos=torch.tensor([pos])).logits[0, -1])
+    engine.c_decode = True
+    return torch.stack(steps).float()
+
+
 def bench_names(specs: list[str]) -> list[tuple[str, str]]:
     """(name, preset or checkpoint directory) of each `mobilemoe bench` model: `NAME=WHAT` names it, a checkpoint
     is named by its config's recorded name, a preset by itself; two models may not share a name."""
